@@ -1,0 +1,308 @@
+"""Criteo display-ads logs: raw layout, schema, streaming parser, processing options and a synthetic generator.
+
+Raw layout (Kaggle ``train.txt``; the 1TB ``day_0``..``day_23`` files are the same, often gzipped): one example
+per line, 40 tab-separated fields, no header: ``label`` (0/1), ``I1``..``I13`` integer counts (``I2`` has small
+negatives), ``C1``..``C26`` 8-hex-digit hashed categoricals. An empty field is a missing value.
+
+Features: each ``C`` field becomes a categorical id (:mod:`ctr.data.fingerprint`); each ``I`` field becomes a
+dense input ``log(1 + max(x, 0))`` (missing = 0) and, with ``int_buckets=True``, also a categorical feature
+``I<k>_bucket`` holding the BARS bucket ``floor(ln(x)^2)`` for ``x > 2`` and ``x`` itself otherwise (missing =
+the empty string).
+
+Validation is cheap and vectorised (field counts from the tab positions, integers by an 8-byte digit test,
+label by one byte), so it costs a small part of the parse; a bad row is named by file, line and field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import os
+import re
+from typing import Iterator
+
+import gin
+import numpy as np
+import tensorflow as tf
+
+from ctr.data import raw
+from ctr.data import rows as rows_lib
+from ctr.data import schema as schema_lib
+from ctr.data import text
+from ctr.data.fingerprint import fingerprint_spans, fingerprint_strings
+from ctr.data.raw import ParseError  # noqa: F401  (part of this module's interface)
+
+NAME = "criteo"
+INT_FIELDS = tuple(f"I{i}" for i in range(1, 14))
+CAT_FIELDS = tuple(f"C{i}" for i in range(1, 27))
+COLUMNS = ("label",) + INT_FIELDS + CAT_FIELDS
+NUM_COLUMNS = len(COLUMNS)
+KAGGLE_TRAIN_ROWS = 45_840_617  # train.txt, 7 days in time order
+KAGGLE_DAYS = 7
+BARS_MIN_COUNT = 10
+_LAYOUT = f"{NUM_COLUMNS} tab-separated fields"
+# BARS buckets of x > 2 are floor(ln(x)^2) <= floor(ln(2**63)^2) = 1907; x <= 2 is its own bucket. Ids of the
+# buckets in [_BUCKET_LOW, _BUCKET_HIGH] come from a table; anything else (x < -1024) is hashed directly.
+_BUCKET_LOW, _BUCKET_HIGH = -1024, 1907
+
+
+@gin.configurable(module="criteo")
+@dataclasses.dataclass(frozen=True)
+class Processing:
+    """Prepare-time feature processing of Criteo (bound in ``configs/criteo_data.gin``).
+
+    Attributes:
+      int_buckets: also emit the ``I<k>_bucket`` categorical features.
+      min_count: vocabulary threshold (values seen fewer times in train map to one OOV id); 0 = no vocabulary.
+    """
+
+    int_buckets: bool = True
+    min_count: int = 0
+
+
+def bucket_field(name: str) -> str:
+    return name + "_bucket"
+
+
+def feature_schema(int_buckets: bool = False) -> schema_lib.FeatureSchema:
+    """The batch schema of parsed Criteo rows (13 dense + 26 categorical, + 13 int buckets if asked)."""
+    categorical = CAT_FIELDS + (tuple(bucket_field(f) for f in INT_FIELDS) if int_buckets else ())
+    return schema_lib.FeatureSchema(name=NAME, dense=INT_FIELDS, categorical=categorical)
+
+
+def input_files(raw_dir: str) -> list[str]:
+    """The raw files of a Criteo download: ``train.txt[.gz]`` (Kaggle) or ``day_0``..``day_23[.gz]`` (1TB),
+    in time order."""
+    names = os.listdir(raw_dir) if os.path.isdir(raw_dir) else []
+    kaggle = [n for n in names if re.fullmatch(r"train\.txt(\.gz)?", n)]
+    days = sorted((n for n in names if re.fullmatch(r"day_\d+(\.gz)?", n)), key=lambda n: int(re.findall(r"\d+", n)[0]))
+    if kaggle:
+        return [os.path.join(raw_dir, kaggle[0])]
+    if days:
+        return [os.path.join(raw_dir, n) for n in days]
+    raise ParseError(f"{raw_dir}: no Criteo files (expected train.txt[.gz] or day_0..day_23[.gz])")
+
+
+def open_raw(
+    raw_dir: str,
+    accounting: raw.RowAccounting,
+    processing: Processing,
+    time_split: bool = False,
+    threads: int = 2,
+    progress: raw.Progress | None = None,
+) -> raw.RawSource:
+    """Criteo's raw files as a stream of parsed rows.
+
+    The ``day`` of a row is its file's index for the 1TB ``day_k`` files. For the single Kaggle file it is
+    ``(line - 1) // ceil(lines / 7)`` (the file holds 7 days in time order without timestamps); counting the
+    lines costs an extra streaming pass, made only when ``time_split`` needs days.
+    """
+    paths = input_files(raw_dir)
+    lines_per_day = None
+    if time_split and len(paths) == 1:
+        lines_per_day = -(-raw.count_lines(paths[0]) // KAGGLE_DAYS)
+    rows = read(paths, accounting, processing.int_buckets, threads, lines_per_day, progress)
+    return raw.RawSource(feature_schema(processing.int_buckets), rows, raw.estimate_lines(paths), NAME)
+
+
+def read(
+    paths: list[str],
+    accounting: raw.RowAccounting,
+    int_buckets: bool = False,
+    threads: int = 2,
+    lines_per_day: int | None = None,
+    progress: raw.Progress | None = None,
+) -> Iterator[rows_lib.Rows]:
+    """Parsed rows of raw Criteo files, streaming (memory bounded by the block size).
+
+    Args:
+      paths: raw files in time order (plain or gzip).
+      accounting: receives lines read and bad rows (and raises on bad rows beyond its budget).
+      int_buckets: also emit the ``I<k>_bucket`` ids (after the 26 ``C`` ids).
+      threads: parser threads.
+      lines_per_day: day = (line - 1) // lines_per_day; None: day = the file's index in ``paths``.
+      progress: progress reporter.
+    """
+    day_of_file = {path: i for i, path in enumerate(paths)}
+
+    def parse(block: raw.Block) -> tuple[rows_lib.Rows, list[raw.Rejection]]:
+        return parse_block(block, int_buckets, day_of_file[block.source], lines_per_day)
+
+    return raw.stream_rows(paths, parse, accounting, NAME, threads, progress=progress)
+
+
+def parse_block(
+    block: raw.Block, int_buckets: bool = False, day: int = 0, lines_per_day: int | None = None
+) -> tuple[rows_lib.Rows, list[raw.Rejection]]:
+    """Parses one block of raw lines: the well-formed rows, and a rejection per bad row.
+
+    Returns:
+      ``Rows`` with ``label [n]``, ``dense [n, 13]``, ``ids [n, 26 (+13)]``, ``day [n]``; and the rejections.
+    """
+    data = block.data
+    spans = text.split_fields(data, b"\t", NUM_COLUMNS)
+    words = text.Words(data)
+    starts, ends = spans.starts, spans.ends
+    label_byte = data[starts[:, 0]]  # the tab or newline when the label is empty
+    label_ok = (ends[:, 0] - starts[:, 0] == 1) & ((label_byte == ord("0")) | (label_byte == ord("1")))
+    ints, present, valid = text.parse_ints(words, starts[:, 1:14], ends[:, 1:14])
+
+    def shown(row: int, col: int) -> str:
+        return repr(text.span_bytes(data, starts[row, col], ends[row, col]))
+
+    checks: list[raw.Check] = [(label_ok, "bad_label", "label", lambda r: f"label must be 0 or 1, got {shown(r, 0)}")]
+    for j, field in enumerate(INT_FIELDS):
+        checks.append((valid[:, j], "not_an_integer", field, lambda r, j=j: f"not an integer {shown(r, 1 + j)}"))
+    keep, rejections = raw.block_rejections(block, spans, checks, _LAYOUT)
+    line_index = spans.line_index
+    if not keep.all():
+        starts, ends, label_byte, ints, present = starts[keep], ends[keep], label_byte[keep], ints[keep], present[keep]
+        line_index = line_index[keep]
+    ids = fingerprint_spans(CAT_FIELDS, words, starts[:, 1 + len(INT_FIELDS) :], ends[:, 1 + len(INT_FIELDS) :])
+    if int_buckets:
+        ids = np.concatenate([ids, bucket_ids(ints, present)], axis=1)
+    if lines_per_day:
+        days = (block.first_line - 1 + line_index) // lines_per_day
+    else:
+        days = np.full(len(line_index), day, np.int64)
+    rows = rows_lib.Rows(
+        label=(label_byte == ord("1")).astype(np.float32),
+        dense=np.log1p(np.maximum(ints, 0).astype(np.float32)),
+        ids=ids,
+        day=days,
+    )
+    return rows, rejections
+
+
+def parse_lines(
+    lines: tf.Tensor, *, source: str = "<memory>", first_line: int = 1, int_buckets: bool = False
+) -> dict[str, np.ndarray]:
+    """Parses a batch of raw lines into a host batch (see :mod:`ctr.data.schema`).
+
+    Args:
+      lines: ``[N]`` tf.string, one raw line each (no trailing newline).
+      source: file name used in error messages.
+      first_line: 1-based line number of ``lines[0]`` in ``source``.
+      int_buckets: also emit the ``I<k>_bucket`` categorical features.
+
+    Returns:
+      ``label [N]`` float32, ``dense [N, 13]`` float32, one ``[N]`` int64 id array per categorical feature.
+
+    Raises:
+      ParseError: naming the file, line and field of the first row that does not fit the layout.
+    """
+    values = lines.numpy().tolist()
+    data = b"".join(line + b"\n" for line in values)
+    block = raw.Block(source, np.frombuffer(data, np.uint8), first_line, len(values), False, len(data))
+    rows, rejections = parse_block(block, int_buckets)
+    raw.RowAccounting(max_bad_rows=0).reject(NAME, source, rejections)
+    return rows_lib.to_batch(feature_schema(int_buckets), rows.arrays())
+
+
+def int_bucket_values(ints: np.ndarray) -> np.ndarray:
+    """BARS integer buckets: ``floor(ln(x)^2)`` for x > 2, ``x`` itself otherwise (int64, same shape)."""
+    x = ints.astype(np.float64)
+    return np.where(ints > 2, np.floor(np.log(np.maximum(x, 1.0)) ** 2), x).astype(np.int64)
+
+
+def int_bucket_strings_tf(ints: tf.Tensor, present: tf.Tensor) -> tf.Tensor:
+    """The raw string of each ``I<k>_bucket`` value in TensorFlow (for serving): the bucket in decimal, or the
+    empty string where the integer is missing. ``fingerprint(bucket_field(f), ...)`` of it is the id."""
+    xf = tf.cast(ints, tf.float64)
+    bucket = tf.where(ints > 2, tf.floor(tf.math.log(tf.maximum(xf, 1.0)) ** 2), xf)
+    return tf.where(present, tf.strings.as_string(tf.cast(bucket, tf.int64)), "")
+
+
+def bucket_ids(ints: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """``[n, 13]`` ids of the ``I<k>_bucket`` features of ``[n, 13]`` integers (missing where not present)."""
+    table = _bucket_table()
+    column = int_bucket_values(ints) - _BUCKET_LOW
+    in_table = (column >= 0) & (column <= _BUCKET_HIGH - _BUCKET_LOW)
+    column = np.where(present & in_table, column, table.shape[1] - 1)
+    ids = np.empty(ints.shape, np.int64)
+    for j in range(len(INT_FIELDS)):
+        ids[:, j] = table[j][column[:, j]]
+    for row, j in zip(*np.nonzero(present & ~in_table)):
+        ids[row, j] = fingerprint_strings(bucket_field(INT_FIELDS[j]), [str(int_bucket_values(ints[row, j]))])[0]
+    return ids
+
+
+@functools.lru_cache(maxsize=None)
+def _bucket_table() -> np.ndarray:
+    """``[13, B + 1]`` ids: bucket ``b`` of feature ``I<k>_bucket`` at column ``b - _BUCKET_LOW``; the last
+    column is the missing value."""
+    values = [str(b) for b in range(_BUCKET_LOW, _BUCKET_HIGH + 1)] + [""]
+    return np.stack([fingerprint_strings(bucket_field(f), values) for f in INT_FIELDS])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Synthetic data in the raw layout, with learnable structure.
+
+
+def write_synthetic(path: str, num_rows: int, seed: int = 0, chunk_rows: int = 200_000) -> None:
+    """Writes ``num_rows`` raw Criteo lines to ``path`` whose clicks a CTR model can learn.
+
+    The click logit sums (a) a per-value effect for every categorical field, with long-tailed (Zipf-like)
+    value frequencies and vocabularies from 8 to ~50k values, (b) low-rank crosses between field pairs, which a
+    model only captures through feature interactions, (c) smooth functions of a few integer fields. Values are
+    missing at per-field rates up to 40%, and missing carries its own effect. The same ``seed`` gives the same
+    file; different ``num_rows`` with the same seed share the same generating model. A path ending in ``.gz``
+    is written gzip-compressed.
+    """
+    rng = np.random.default_rng(seed)
+    n_cat = len(CAT_FIELDS)
+    vocab = np.exp(rng.uniform(np.log(8), np.log(50_000), n_cat)).astype(np.int64)
+    zipf = rng.uniform(1.5, 4.0, n_cat)  # larger = heavier head
+    missing_rate = np.where(rng.random(n_cat) < 0.5, rng.uniform(0.0, 0.4, n_cat), 0.0)
+    effect_scale = rng.uniform(0.1, 0.6, n_cat)
+    effects = [rng.normal(0.0, s, v + 1) for s, v in zip(effect_scale, vocab)]  # index v = missing
+    cross_pairs = [tuple(p) for p in rng.choice(n_cat, size=(8, 2), replace=False)]
+    rank = 3
+    cross_factors = {f: rng.normal(0.0, 0.5, (vocab[f] + 1, rank)) for f in {f for p in cross_pairs for f in p}}
+    salt = rng.integers(1, 2**31, n_cat)
+    int_missing = rng.uniform(0.0, 0.3, len(INT_FIELDS))
+    int_scale = np.exp(rng.uniform(0.0, 5.0, len(INT_FIELDS)))
+    int_weight = np.zeros(len(INT_FIELDS))
+    int_weight[:4] = rng.normal(0.0, 0.35, 4)
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wt", encoding="ascii") as out:
+        row_rng = np.random.default_rng([seed, 1])
+        for start in range(0, num_rows, chunk_rows):
+            n = min(chunk_rows, num_rows - start)
+            idx = np.empty((n, n_cat), np.int64)
+            for f in range(n_cat):
+                u = row_rng.random(n)
+                idx[:, f] = np.minimum((vocab[f] * u ** zipf[f]).astype(np.int64), vocab[f] - 1)
+                idx[row_rng.random(n) < missing_rate[f], f] = vocab[f]
+            logit = np.full(n, -1.2)
+            for f in range(n_cat):
+                logit += effects[f][idx[:, f]]
+            for a, b in cross_pairs:
+                logit += np.sum(cross_factors[a][idx[:, a]] * cross_factors[b][idx[:, b]], axis=1)
+            ints = np.floor(row_rng.exponential(1.0, (n, len(INT_FIELDS))) * int_scale).astype(np.int64)
+            ints[:, 1] -= (row_rng.random(n) < 0.05) * row_rng.integers(1, 4, n)  # I2's small negatives
+            int_present = row_rng.random((n, len(INT_FIELDS))) >= int_missing
+            logt = np.log1p(np.maximum(ints, 0)) / np.log1p(int_scale)
+            logit += np.sum(np.where(int_present, np.sin(3.0 * logt) * int_weight, 0.0), axis=1)
+            label = (row_rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
+            out.write(_format_rows(label, ints, int_present, idx, vocab, salt))
+
+
+def _format_rows(label, ints, int_present, idx, vocab, salt) -> str:
+    """Formats generated rows as raw TSV text, through TensorFlow's vectorised string ops."""
+    hexes = (idx * 2654435761 + salt) & 0xFFFFFFFF
+    cats = tf.where(idx < vocab, _hex(hexes), "")
+    int_text = tf.where(int_present, tf.strings.as_string(ints), "")
+    cols = tf.concat([tf.strings.as_string(label)[:, None], int_text, cats], axis=1)
+    lines = tf.strings.reduce_join(cols, axis=1, separator="\t")
+    return "\n".join(s.decode() for s in lines.numpy()) + "\n"
+
+
+def _hex(values: np.ndarray) -> tf.Tensor:
+    """8-digit lower-case hex of uint32 values (vectorised: 8 nibble lookups)."""
+    digits = np.frombuffer(b"0123456789abcdef", np.uint8)
+    nibbles = (values[..., None] >> np.arange(28, -1, -4)) & 0xF
+    chars = digits[nibbles]  # [..., 8] uint8
+    flat = chars.reshape(-1, 8).view("S8").reshape(values.shape)
+    return tf.constant(flat)

@@ -1,0 +1,370 @@
+"""Streaming raw files: blocks of whole lines (plain or gzip), bad-row accounting, progress, parallel parsing.
+
+Every reader goes through here, so every dataset gets the same guarantees:
+
+- Memory is bounded by the block size whatever the file size: a file is read ``block_bytes`` at a time and
+  cut after its last newline; the partial line is carried into the next block.
+- gzip is detected from the file's magic bytes, not its name. A corrupt or truncated gzip stream, a missing
+  file and a file without data rows are errors naming the file (and the line reached).
+- A file whose last line has no newline is treated as truncated: that line is a bad row.
+- Nothing is dropped silently. A parser reports each bad row as a :class:`Rejection` (line, reason, field);
+  :class:`RowAccounting` either raises a :class:`ParseError` naming file, line and field (the default,
+  ``max_bad_rows=0``) or, under an explicit ``max_bad_rows`` budget, counts the skip by reason. Rows read,
+  written per split and rejected per reason balance, and are stored with the prepared data.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import gzip
+import logging
+import os
+import time
+import zlib
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import numpy as np
+
+from ctr.data import rows as rows_lib
+from ctr.data import schema as schema_lib
+from ctr.data import text
+
+DEFAULT_BLOCK_BYTES = 1 << 20  # ~4k Criteo rows: big enough to amortise numpy calls, small enough for cache
+_GZIP_MAGIC = b"\x1f\x8b"
+_MAX_LINE_BYTES = 64 << 20
+_MAX_EXAMPLES = 20
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class ParseError(ValueError):
+    """Raw input that does not fit its layout; the message names the file, line and field."""
+
+
+@dataclasses.dataclass
+class Block:
+    """Whole lines of one raw file.
+
+    Attributes:
+      source: the file's path (for messages).
+      data: ``uint8`` bytes of complete lines, each ending in ``\\n``.
+      first_line: 1-based line number of the block's first line in ``source``.
+      num_lines: lines in the block.
+      truncated: the file's last line had no newline (one was appended); it is the block's last line.
+      file_bytes_done: bytes of the file (compressed bytes for gzip) consumed up to the end of this block.
+    """
+
+    source: str
+    data: np.ndarray
+    first_line: int
+    num_lines: int
+    truncated: bool
+    file_bytes_done: int
+
+
+def is_gzip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == _GZIP_MAGIC
+
+
+def check_inputs(paths: Iterable[str]) -> None:
+    """Fails before any work is done if an input is missing or empty."""
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ParseError(f"{path}: no such file")
+        if os.path.getsize(path) == 0:
+            raise ParseError(f"{path}: empty file")
+
+
+def read_header(path: str) -> list[str]:
+    """The comma-separated names on the first line of a CSV file, stripped of surrounding whitespace."""
+    check_inputs([path])
+    for block in read_blocks(path, block_bytes=1 << 16, skip_lines=0, require_rows=True):
+        first = block.data[: int(np.argmax(block.data == 10))].tobytes().decode("utf-8", "replace")
+        return [name.strip() for name in first.rstrip("\r").split(",")]
+    raise AssertionError("unreachable: read_blocks raises on a file without lines")
+
+
+def read_blocks(
+    path: str, block_bytes: int = DEFAULT_BLOCK_BYTES, skip_lines: int = 0, require_rows: bool = True
+) -> Iterator[Block]:
+    """Blocks of whole lines of ``path`` (plain or gzip), after its first ``skip_lines`` lines (a header).
+
+    Raises:
+      ParseError: the file is missing or empty, has no data lines after the header (``require_rows``), holds a
+        line over 64 MiB, or its gzip stream is corrupt or truncated.
+    """
+    check_inputs([path])
+    line = 1
+    compressed = is_gzip(path)
+    with open(path, "rb") as raw:
+        stream = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
+        carry = b""
+        to_skip = skip_lines
+        emitted = False
+        while True:
+            try:
+                chunk = stream.read(block_bytes)
+            except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+                raise ParseError(f"{path}:{line}: corrupt or truncated gzip stream ({e})") from e
+            if not chunk:
+                break
+            buf = carry + chunk
+            cut = buf.rfind(b"\n") + 1
+            if cut == 0:
+                if len(buf) > _MAX_LINE_BYTES:
+                    raise ParseError(f"{path}:{line}: line longer than {_MAX_LINE_BYTES} bytes")
+                carry = buf
+                continue
+            carry, whole = buf[cut:], buf[:cut]
+            while to_skip and whole:
+                end = whole.find(b"\n") + 1
+                whole, to_skip, line = whole[end:], to_skip - 1, line + 1
+            if whole:
+                num_lines = whole.count(b"\n")
+                yield Block(path, np.frombuffer(whole, np.uint8), line, num_lines, False, raw.tell())
+                emitted = True
+                line += num_lines
+        if carry and to_skip == 0:
+            yield Block(path, np.frombuffer(carry + b"\n", np.uint8), line, 1, True, raw.tell())
+            emitted = True
+        elif carry:
+            to_skip -= 1
+    if require_rows and not emitted:
+        what = "empty file" if skip_lines == 0 or to_skip else "no data rows after the header"
+        raise ParseError(f"{path}: {what}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejection:
+    """One bad row: 1-based ``line`` of its file, a short ``reason`` key, the ``field`` at fault (``*`` for
+    the whole row) and a human-readable ``detail``."""
+
+    line: int
+    reason: str
+    field: str
+    detail: str
+
+
+class RowAccounting:
+    """Rows read, written per split and rejected per reason, with the bad-row budget.
+
+    Args:
+      max_bad_rows: bad rows that may be skipped (counted) over the whole run before the next one is an
+        error; 0 makes the first bad row an error.
+    """
+
+    def __init__(self, max_bad_rows: int = 0):
+        self.max_bad_rows = max_bad_rows
+        self.read_rows: collections.Counter[str] = collections.Counter()
+        self.rejected: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        self.written: collections.Counter[str] = collections.Counter()
+        self.notes: collections.Counter[str] = collections.Counter()
+        self.examples: list[str] = []
+        self._bad = 0
+
+    def read(self, input_name: str, rows: int) -> None:
+        self.read_rows[input_name] += rows
+
+    def reject(self, input_name: str, source: str, rejections: Iterable[Rejection]) -> None:
+        """Counts ``rejections`` (in line order) or raises on the first one over the budget."""
+        for r in rejections:
+            message = f"{source}:{r.line}: field {r.field}: {r.detail}"
+            self._bad += 1
+            if self._bad > self.max_bad_rows:
+                if self.max_bad_rows:
+                    message += f" (more than --max_bad_rows={self.max_bad_rows} bad rows)"
+                raise ParseError(message)
+            self.rejected[input_name][r.reason] += 1
+            if len(self.examples) < _MAX_EXAMPLES:
+                self.examples.append(message)
+                logging.warning("skipping bad row: %s", message)
+
+    def write(self, split: str, rows: int) -> None:
+        self.written[split] += rows
+
+    def note(self, what: str, rows: int) -> None:
+        """Counts rows kept with a remark (e.g. TaobaoAds impressions of users without a profile)."""
+        self.notes[what] += rows
+
+    def total_rejected(self, input_name: str) -> int:
+        return sum(self.rejected[input_name].values())
+
+    def to_json(self) -> dict:
+        return {
+            "rows_read": dict(self.read_rows),
+            "rows_written": dict(self.written),
+            "rows_rejected": {name: dict(c) for name, c in self.rejected.items() if c},
+            "rows_noted": dict(self.notes),
+            "max_bad_rows": self.max_bad_rows,
+            "rejected_examples": list(self.examples),
+        }
+
+    def summary(self) -> str:
+        lines = [f"rows read: {dict(self.read_rows)}", f"rows written: {dict(self.written)}"]
+        for name, counts in self.rejected.items():
+            if counts:
+                lines.append(f"rows rejected from {name}: {dict(counts)}")
+        if self.notes:
+            lines.append(f"rows noted: {dict(self.notes)}")
+        return "\n".join(lines)
+
+
+class Progress:
+    """Logs rows done, rows/s and (when the input size is known) bytes done and ETA, every few seconds."""
+
+    def __init__(self, label: str, total_bytes: int | None, every_s: float = 5.0, emit: Callable[[str], None] | None = None):
+        self.label, self.total_bytes, self.every_s = label, total_bytes, every_s
+        self.emit = emit or logging.info
+        self.rows = 0
+        self.start = self._last = time.monotonic()
+
+    def update(self, rows: int, bytes_done: int | None = None) -> None:
+        self.rows += rows
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._last = now
+            self.emit(self._line(now, bytes_done))
+
+    def done(self) -> None:
+        self.emit(self._line(time.monotonic(), self.total_bytes) + " (done)")
+
+    def _line(self, now: float, bytes_done: int | None) -> str:
+        elapsed = max(now - self.start, 1e-9)
+        text = f"{self.label}: {self.rows:,} rows, {self.rows / elapsed:,.0f} rows/s, {_duration(elapsed)} elapsed"
+        if self.total_bytes and bytes_done:
+            frac = min(bytes_done / self.total_bytes, 1.0)
+            eta = elapsed * (1 - frac) / max(frac, 1e-9)
+            text += f", {frac:.1%} of {self.total_bytes / 2**20:,.0f} MiB, ETA {_duration(eta)}"
+        return text
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else (
+        f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int = 2) -> Iterator[R]:
+    """``map(fn, items)`` on ``threads`` worker threads, in input order, with at most ``2 * threads`` items in
+    flight (so memory stays bounded). numpy releases the GIL inside its array loops, which is where the
+    parsers spend their time, so two threads use two cores."""
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        pending: collections.deque[concurrent.futures.Future[R]] = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def truncation_rejection(block: Block) -> Rejection:
+    """The bad row a truncated file's last line (no newline) becomes."""
+    return Rejection(block.first_line + block.num_lines - 1, "truncated_last_line", "*",
+                     "last line has no newline: truncated file?")
+
+
+@dataclasses.dataclass
+class RawSource:
+    """A dataset's raw files opened for one streaming pass (what prepare and the synthetic datasets read).
+
+    Attributes:
+      schema: the batch schema of the rows.
+      rows: parsed rows, in input order, chunk by chunk; bad rows already reported to the accounting.
+      estimated_rows: about how many rows to expect (sizes the prepare step's shuffle buckets).
+      main_input: the accounting input whose rows become examples (read = written + rejected).
+    """
+
+    schema: schema_lib.FeatureSchema
+    rows: Iterator[rows_lib.Rows]
+    estimated_rows: int
+    main_input: str
+
+
+def stream_rows(
+    paths: list[str],
+    parse: Callable[[Block], tuple[R, list[Rejection]]],
+    accounting: RowAccounting,
+    input_name: str,
+    threads: int = 2,
+    skip_lines: int = 0,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    progress: Progress | None = None,
+) -> Iterator[R]:
+    """``parse`` of every block of ``paths``, in order (``parse`` runs on ``threads`` threads).
+
+    Reports every block's lines and bad rows to ``accounting`` (in file order, so the first bad row of the
+    input is the one an error names) and, per parsed result (anything with a length: its rows), progress in
+    bytes of all ``paths`` together.
+    """
+    check_inputs(paths)
+    offsets = dict(zip(paths, np.cumsum([0] + [os.path.getsize(p) for p in paths])[:-1].tolist()))
+
+    def blocks() -> Iterator[Block]:
+        for path in paths:
+            yield from read_blocks(path, block_bytes, skip_lines)
+
+    for block, (parsed, rejections) in ordered_map(lambda b: (b, parse(b)), blocks(), threads):
+        accounting.read(input_name, block.num_lines)
+        accounting.reject(input_name, block.source, rejections)
+        if progress is not None:
+            progress.update(len(parsed), offsets[block.source] + block.file_bytes_done)
+        yield parsed
+
+
+def estimate_lines(paths: list[str], skip_lines: int = 0) -> int:
+    """About how many lines ``paths`` hold, from the line density of the first 4 MiB of the first file."""
+    for block in read_blocks(paths[0], 4 << 20, skip_lines):
+        per_byte = block.num_lines / max(block.file_bytes_done, 1)
+        return max(1, int(per_byte * sum(os.path.getsize(p) for p in paths)))
+    return 1
+
+
+def count_lines(path: str) -> int:
+    """Lines of a raw file (plain or gzip), streaming."""
+    return sum(block.num_lines for block in read_blocks(path, 16 << 20, require_rows=False))
+
+
+Check = tuple[np.ndarray, str, str, Callable[[int], str]]
+
+
+def block_rejections(
+    block: Block, spans: text.Spans, checks: list[Check], layout: str
+) -> tuple[np.ndarray, list[Rejection]]:
+    """The bad rows of a tokenised block, each reported once, in line order.
+
+    A line is bad for the first of: its field count (``spans.bad_lines``), being the truncated last line, or
+    the first failing check in ``checks`` order.
+
+    Args:
+      block: the block.
+      spans: its field spans.
+      checks: ``(ok [rows] bool, reason, field, describe(row) -> detail)`` over the rows of ``spans``, in field
+        order.
+      layout: what a well-formed line holds, for the field-count message (e.g. "40 tab-separated fields").
+
+    Returns:
+      ``keep`` (``[rows]`` bool over the rows of ``spans``) and the rejections.
+    """
+    found: dict[int, Rejection] = {}
+    for index, count in zip(spans.bad_lines.tolist(), spans.bad_counts.tolist()):
+        found[index] = Rejection(block.first_line + index, "wrong_field_count", "*", f"expected {layout}, got {count}")
+    keep = np.ones(len(spans.line_index), bool)
+    for ok, reason, field, describe in checks:
+        for row in np.flatnonzero(~ok & keep).tolist():
+            keep[row] = False
+            index = int(spans.line_index[row])
+            found[index] = Rejection(block.first_line + index, reason, field, describe(row))
+    if block.truncated:
+        last = block.num_lines - 1
+        found[last] = truncation_rejection(block)
+        if len(spans.line_index) and spans.line_index[-1] == last:
+            keep[-1] = False
+    return keep, [found[i] for i in sorted(found)]

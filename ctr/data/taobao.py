@@ -1,0 +1,512 @@
+"""TaobaoAds (Ali_Display_Ad_Click): raw layout, join, behaviour sequences, schema, synthetic generator.
+
+Raw layout (four CSV files with headers, each plain or gzip):
+
+- ``raw_sample.csv`` ``user,time_stamp,adgroup_id,pid,nonclk,clk``: one impression per line (26,557,961 over 8
+  days, 2017-05-06..13); ``clk`` is the label, ``nonclk`` is ignored.
+- ``ad_feature.csv`` ``adgroup_id,cate_id,campaign_id,customer,brand,price``; ``brand`` may be ``NULL``.
+- ``user_profile.csv`` ``userid,cms_segid,cms_group_id,final_gender_code,age_level,pvalue_level,
+  shopping_level,occupation,new_user_class_level`` (the last name arrives with a trailing space: names are
+  compared stripped); ``pvalue_level`` is often empty; some users have no profile.
+- ``behavior_log.csv`` ``user,time_stamp,btag,cate,brand``: 723M behaviours over 22 days; ``btag`` is one of
+  pv, cart, fav, buy; ``brand`` may be ``NULL``.
+
+An example is an impression joined with its ad's features and its user's profile (a user without a profile
+is kept, every profile feature missing), plus three behaviour sequences: ``cate_his``, ``brand_his`` and
+``btag_his``, the cate, brand and btag of the user's last ``max_len`` (50) behaviours strictly before the
+impression's ``time_stamp`` (so nothing at or after the impression leaks in). ``cate_his`` and ``brand_his``
+ids are fingerprints under the item features' names (``cate_id``, ``brand``), so they share those embeddings;
+``btag_his`` has its own. ``NULL`` brands are missing values (the empty string). An impression whose ad is
+not in ``ad_feature`` is a bad row (``unknown_ad``). The gAUC group is the user. ``price`` is the one dense
+feature, as ``log(1 + price)``. Days are dates in China time (UTC+8): 2017-05-13 is the standard test day.
+
+Memory: the ad and user tables (846k and 1.06M rows) are held in memory. The behaviour log is not: the
+impressions and the behaviours are first partitioned by user into temporary files (one streaming pass each,
+~25 bytes per behaviour on disk), then each partition's behaviours are sorted by (user, time) and every
+impression finds its history with one binary search. Memory is then bounded by one partition (set by
+``partition_bytes``), whatever the log's size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import os
+import re
+import tempfile
+from typing import Iterator
+
+import gin
+import numpy as np
+
+from ctr.data import raw
+from ctr.data import rows as rows_lib
+from ctr.data import schema as schema_lib
+from ctr.data import text
+from ctr.data.fingerprint import fingerprint_spans, fingerprint_strings
+
+NAME = "taobao"
+FILES = ("raw_sample", "ad_feature", "user_profile", "behavior_log")
+SAMPLE_COLUMNS = ("user", "time_stamp", "adgroup_id", "pid", "nonclk", "clk")
+AD_COLUMNS = ("adgroup_id", "cate_id", "campaign_id", "customer", "brand", "price")
+USER_COLUMNS = ("userid", "cms_segid", "cms_group_id", "final_gender_code", "age_level", "pvalue_level",
+                "shopping_level", "occupation", "new_user_class_level")  # fmt: skip
+BEHAVIOR_COLUMNS = ("user", "time_stamp", "btag", "cate", "brand")
+AD_FEATURES = ("cate_id", "campaign_id", "customer", "brand")
+PROFILE_FEATURES = USER_COLUMNS[1:]
+CATEGORICAL = ("userid", "adgroup_id", "pid") + AD_FEATURES + PROFILE_FEATURES
+DENSE = ("price",)
+BTAGS = ("pv", "cart", "fav", "buy")
+RAW_SAMPLE_ROWS = 26_557_961
+TEST_DAY = 20170513
+BARS_MIN_COUNT = 10
+MAX_LEN = 50
+_UTC8 = 8 * 3600
+_NULL = b"NULL"
+_IMPRESSION = np.dtype([("ordinal", "<i8"), ("user", "<i8"), ("ts", "<i8"), ("ad", "<i8"), ("userid", "<i8"),
+                        ("adgroup_id", "<i8"), ("pid", "<i8"), ("label", "<f4")])  # fmt: skip
+_BEHAVIOR = np.dtype([("user", "<i8"), ("ts", "<i8"), ("btag", "i1"), ("cate", "<i8"), ("brand", "<i8")])
+
+
+@gin.configurable(module="taobao")
+@dataclasses.dataclass(frozen=True)
+class Processing:
+    """Prepare-time feature processing of TaobaoAds (bound in ``configs/taobao_data.gin``).
+
+    Attributes:
+      max_len: behaviours kept per sequence (the most recent ones before the impression).
+      min_count: vocabulary threshold (values seen fewer times in train map to one OOV id); 0 = no vocabulary.
+      partition_bytes: raw behaviour-log bytes per user partition (bounds memory: ~2x this while a partition
+        is joined).
+    """
+
+    max_len: int = MAX_LEN
+    min_count: int = 0
+    partition_bytes: int = 1 << 30
+
+
+def feature_schema(max_len: int = MAX_LEN) -> schema_lib.FeatureSchema:
+    return schema_lib.FeatureSchema(
+        name=NAME,
+        dense=DENSE,
+        categorical=CATEGORICAL,
+        sequences=(
+            schema_lib.SequenceFeature("cate_his", "cate_id", max_len),
+            schema_lib.SequenceFeature("brand_his", "brand", max_len),
+            schema_lib.SequenceFeature("btag_his", None, max_len),
+        ),
+        group_key="userid",
+    )
+
+
+def input_files(raw_dir: str) -> dict[str, str]:
+    """``{name: path}`` of the four raw files (``<name>.csv`` or ``<name>.csv.gz``) in ``raw_dir``."""
+    names = os.listdir(raw_dir) if os.path.isdir(raw_dir) else []
+    found = {}
+    for name in FILES:
+        match = sorted(n for n in names if re.fullmatch(rf"{name}\.csv(\.gz)?", n))
+        if not match:
+            raise raw.ParseError(f"{raw_dir}: no TaobaoAds file {name}.csv[.gz]")
+        found[name] = os.path.join(raw_dir, match[0])
+    return found
+
+
+def check_header(path: str, expected: tuple[str, ...]) -> None:
+    names = raw.read_header(path)  # stripped, so "new_user_class_level " is accepted
+    if tuple(names) != expected:
+        raise raw.ParseError(f"{path}:1: field *: expected the header {','.join(expected)}, got {','.join(names)}")
+
+
+def open_raw(
+    raw_dir: str,
+    accounting: raw.RowAccounting,
+    processing: Processing,
+    time_split: bool = True,
+    threads: int = 2,
+    progress: raw.Progress | None = None,
+    tmp_dir: str | None = None,
+) -> raw.RawSource:
+    """TaobaoAds' raw files as a stream of joined rows with behaviour sequences (``day`` = YYYYMMDD, UTC+8).
+
+    Rows come partition by partition (users grouped by ``user % partitions``), each partition in impression
+    order. Temporary partition files live in ``tmp_dir`` (default: the system's) and are removed at the end.
+    """
+    del time_split  # days are dates whatever the split
+    paths = input_files(raw_dir)
+    for name, columns in zip(FILES, (SAMPLE_COLUMNS, AD_COLUMNS, USER_COLUMNS, BEHAVIOR_COLUMNS)):
+        check_header(paths[name], columns)
+    partitions = max(1, -(-os.path.getsize(paths["behavior_log"]) // processing.partition_bytes))
+    rows = _joined_rows(paths, accounting, processing.max_len, partitions, threads, progress, tmp_dir)
+    return raw.RawSource(feature_schema(processing.max_len), rows, raw.estimate_lines([paths["raw_sample"]], 1), "raw_sample")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Side tables.
+
+
+@dataclasses.dataclass
+class _Table:
+    """A side table keyed by an integer: ``keys [k]`` sorted, ``ids [k, f]`` fingerprints, ``dense [k, d]``."""
+
+    keys: np.ndarray
+    ids: np.ndarray
+    dense: np.ndarray
+
+    def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row of each key, whether it was found)."""
+        pos = np.minimum(np.searchsorted(self.keys, keys), max(len(self.keys) - 1, 0))
+        found = self.keys[pos] == keys if len(self.keys) else np.zeros(len(keys), bool)
+        return pos, found
+
+
+def _null_as_missing(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """``ends`` with every span that reads ``NULL`` emptied (a missing value is the empty string)."""
+    words = text.Words(data)
+    is_null = (ends - starts == 4) & ((words(starts) & np.uint64(0xFFFFFFFF)) == np.uint64(int.from_bytes(_NULL, "little")))
+    return np.where(is_null, starts, ends)
+
+
+def _parse_floats(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decimal floats of spans (a side table's few columns: per-value Python is fine): (values, valid)."""
+    values = np.zeros(len(starts), np.float64)
+    valid = np.ones(len(starts), bool)
+    for i, (s, e) in enumerate(zip(starts.tolist(), ends.tolist())):
+        try:
+            values[i] = float(data[s:e].tobytes())
+        except ValueError:
+            valid[i] = False
+    return values, valid & np.isfinite(values) & (values >= 0)
+
+
+def _load_table(
+    path: str, columns: tuple[str, ...], id_fields: tuple[str, ...], accounting: raw.RowAccounting,
+    input_name: str, threads: int, price_column: int | None = None,
+) -> _Table:
+    """A side table from a CSV whose first column is an integer key and the others categorical (plus a price)."""
+    id_columns = [columns.index(f) for f in id_fields]
+    layout = f"{len(columns)} comma-separated fields"
+
+    def parse(block: raw.Block) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], list[raw.Rejection]]:
+        data = block.data
+        spans = text.split_fields(data, b",", len(columns))
+        words = text.Words(data)
+        key, _, key_ok = text.parse_ints(words, spans.starts[:, 0], spans.ends[:, 0])
+        key_ok &= spans.ends[:, 0] > spans.starts[:, 0]
+        checks: list[raw.Check] = [(key_ok, "not_an_integer", columns[0], lambda r: "key must be an integer")]
+        price = np.zeros(len(key))
+        if price_column is not None:
+            price, price_ok = _parse_floats(data, spans.starts[:, price_column], spans.ends[:, price_column])
+            checks.append((price_ok, "bad_price", columns[price_column], lambda r: "price must be a number >= 0"))
+        keep, rejections = raw.block_rejections(block, spans, checks, layout)
+        starts, ends = spans.starts[keep][:, id_columns], spans.ends[keep][:, id_columns]
+        ends = _null_as_missing(data, starts, ends)
+        lines = block.first_line + spans.line_index[keep]
+        return (key[keep], fingerprint_spans(id_fields, words, starts, ends), price[keep], lines), rejections
+
+    parts = list(raw.stream_rows([path], parse, accounting, input_name, threads, skip_lines=1))
+    keys = np.concatenate([p[0] for p in parts])
+    ids = np.concatenate([p[1] for p in parts])
+    price = np.concatenate([p[2] for p in parts])
+    lines = np.concatenate([p[3] for p in parts])
+    order = np.argsort(keys, kind="stable")
+    duplicate = np.zeros(len(keys), bool)
+    duplicate[order[1:]] = keys[order[1:]] == keys[order[:-1]]
+    if duplicate.any():
+        accounting.reject(input_name, path, [
+            raw.Rejection(int(line), "duplicate_key", columns[0], f"{columns[0]} {keys[i]} appeared before")
+            for i, line in sorted(zip(np.flatnonzero(duplicate), lines[duplicate]), key=lambda t: t[1])
+        ])
+    order = order[~duplicate[order]]
+    return _Table(keys[order], ids[order], np.log1p(price[order]).astype(np.float32)[:, None])
+
+
+@functools.lru_cache(maxsize=None)
+def _missing_profile_ids() -> np.ndarray:
+    return np.array([fingerprint_strings(f, [""])[0] for f in PROFILE_FEATURES], np.int64)
+
+
+@functools.lru_cache(maxsize=None)
+def _btag_ids() -> np.ndarray:
+    return fingerprint_strings("btag_his", list(BTAGS))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Impressions and behaviours, partitioned by user.
+
+
+def _day_key(ts: np.ndarray) -> np.ndarray:
+    """YYYYMMDD of unix seconds, in China time (UTC+8)."""
+    days = ((ts + _UTC8) // 86_400).astype("datetime64[D]")
+    months = days.astype("datetime64[M]")
+    years = months.astype("datetime64[Y]").astype(np.int64) + 1970
+    return years * 10_000 + (months.astype(np.int64) % 12 + 1) * 100 + (days - months).astype(np.int64) + 1
+
+
+def _parse_impressions(block: raw.Block, ads: _Table) -> tuple[np.ndarray, list[raw.Rejection]]:
+    data = block.data
+    spans = text.split_fields(data, b",", len(SAMPLE_COLUMNS))
+    words = text.Words(data)
+    starts, ends = spans.starts, spans.ends
+    ints, present, valid = text.parse_ints(words, starts[:, :3], ends[:, :3])
+    clk = data[starts[:, 5]]
+    clk_ok = (ends[:, 5] - starts[:, 5] == 1) & ((clk == ord("0")) | (clk == ord("1")))
+    ad_row, ad_found = ads.find(ints[:, 2])
+    checks: list[raw.Check] = []
+    for j, field in enumerate(SAMPLE_COLUMNS[:3]):
+        checks.append((valid[:, j] & present[:, j], "not_an_integer", field, _describe_int(data, starts, ends, j)))
+        if j < 2:  # user and time form one 64-bit sort key
+            checks.append((_in_key_range(ints[:, j]), "out_of_range", field, _describe_range(ints, j)))
+    checks.append((clk_ok, "bad_label", "clk", lambda r: f"clk must be 0 or 1, got {text.span_bytes(data, starts[r, 5], ends[r, 5])!r}"))
+    checks.append((ad_found, "unknown_ad", "adgroup_id", lambda r: f"adgroup_id {ints[r, 2]} is not in ad_feature"))
+    keep, rejections = raw.block_rejections(block, spans, checks, f"{len(SAMPLE_COLUMNS)} comma-separated fields")
+    starts, ends = starts[keep], ends[keep]
+    ids = fingerprint_spans(("userid", "adgroup_id", "pid"), words, starts[:, [0, 2, 3]], ends[:, [0, 2, 3]])
+    out = np.empty(int(keep.sum()), _IMPRESSION)
+    out["ordinal"] = block.first_line + spans.line_index[keep]  # unique per line of raw_sample
+    out["user"], out["ts"], out["ad"] = ints[keep, 0], ints[keep, 1], ad_row[keep]
+    out["userid"], out["adgroup_id"], out["pid"] = ids[:, 0], ids[:, 1], ids[:, 2]
+    out["label"] = clk[keep] == ord("1")
+    return out, rejections
+
+
+def _parse_behaviors(block: raw.Block) -> tuple[np.ndarray, list[raw.Rejection]]:
+    data = block.data
+    spans = text.split_fields(data, b",", len(BEHAVIOR_COLUMNS))
+    words = text.Words(data)
+    starts, ends = spans.starts, spans.ends
+    ints, present, valid = text.parse_ints(words, starts[:, :2], ends[:, :2])
+    btag_len = ends[:, 2] - starts[:, 2]
+    btag_word = words(starts[:, 2])
+    btag = np.full(len(starts), -1, np.int8)
+    for code, name in enumerate(BTAGS):
+        mask = np.uint64((1 << (8 * len(name))) - 1)
+        btag[(btag_len == len(name)) & ((btag_word & mask) == np.uint64(int.from_bytes(name.encode(), "little")))] = code
+    checks: list[raw.Check] = []
+    for j, field in enumerate(BEHAVIOR_COLUMNS[:2]):
+        checks.append((valid[:, j] & present[:, j], "not_an_integer", field, _describe_int(data, starts, ends, j)))
+        checks.append((_in_key_range(ints[:, j]), "out_of_range", field, _describe_range(ints, j)))
+    checks.append((btag >= 0, "bad_btag", "btag", lambda r: f"btag must be one of {'/'.join(BTAGS)}, got {text.span_bytes(data, starts[r, 2], ends[r, 2])!r}"))
+    keep, rejections = raw.block_rejections(block, spans, checks, f"{len(BEHAVIOR_COLUMNS)} comma-separated fields")
+    starts, ends = starts[keep][:, 3:], spans.ends[keep][:, 3:]
+    ids = fingerprint_spans(("cate_id", "brand"), words, starts, _null_as_missing(data, starts, ends))
+    out = np.empty(int(keep.sum()), _BEHAVIOR)
+    out["user"], out["ts"], out["btag"] = ints[keep, 0], ints[keep, 1], btag[keep]
+    out["cate"], out["brand"] = ids[:, 0], ids[:, 1]
+    return out, rejections
+
+
+def _describe_int(data: np.ndarray, starts: np.ndarray, ends: np.ndarray, col: int):
+    return lambda r: f"not an integer {text.span_bytes(data, starts[r, col], ends[r, col])!r}"
+
+
+def _in_key_range(values: np.ndarray) -> np.ndarray:
+    return (values >= 0) & (values < 2**31)
+
+
+def _describe_range(ints: np.ndarray, col: int):
+    return lambda r: f"{ints[r, col]} is outside [0, 2**31)"
+
+
+def _partition(records: Iterator[np.ndarray], partitions: int, directory: str, prefix: str) -> list[str]:
+    """Appends records to one file per ``user % partitions``; returns the file paths."""
+    paths = [os.path.join(directory, f"{prefix}-{p:05d}.bin") for p in range(partitions)]
+    files = [open(p, "wb") for p in paths]
+    try:
+        for chunk in records:
+            part = chunk["user"] % partitions
+            order = np.argsort(part, kind="stable")
+            bounds = np.searchsorted(part[order], np.arange(partitions + 1))
+            for p in np.flatnonzero(np.diff(bounds)):
+                chunk[order[bounds[p] : bounds[p + 1]]].tofile(files[p])
+    finally:
+        for f in files:
+            f.close()
+    return paths
+
+
+def histories(
+    behaviors: np.ndarray, users: np.ndarray, times: np.ndarray, max_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each impression's last ``max_len`` behaviours strictly before its time.
+
+    Args:
+      behaviors: ``_BEHAVIOR`` records sorted by (user, ts) (ties in log order).
+      users, times: ``[m]`` the impressions' user and time.
+      max_len: L.
+
+    Returns:
+      ``index [m, L]`` into ``behaviors`` (right-aligned, oldest first; 0 where padding) and ``length [m]``.
+    """
+    keys = behaviors["user"] * (1 << 32) + behaviors["ts"]
+    end = np.searchsorted(keys, users * (1 << 32) + times, side="left")  # first behaviour at or after the time
+    begin = np.searchsorted(keys, users * (1 << 32), side="left")  # the user's first behaviour
+    length = np.minimum(end - begin, max_len)
+    index = end[:, None] - max_len + np.arange(max_len)
+    index = np.where(np.arange(max_len) >= max_len - length[:, None], index, 0)
+    return index, length.astype(np.int32)
+
+
+def _joined_rows(
+    paths: dict[str, str],
+    accounting: raw.RowAccounting,
+    max_len: int,
+    partitions: int,
+    threads: int,
+    progress: raw.Progress | None,
+    tmp_dir: str | None,
+    chunk_rows: int = 65_536,
+) -> Iterator[rows_lib.Rows]:
+    ads = _load_table(paths["ad_feature"], AD_COLUMNS, AD_FEATURES, accounting, "ad_feature", threads, price_column=5)
+    users = _load_table(paths["user_profile"], USER_COLUMNS, PROFILE_FEATURES, accounting, "user_profile", threads)
+    btag_ids = _btag_ids()
+    with tempfile.TemporaryDirectory(prefix="taobao-", dir=tmp_dir) as tmp:
+        sample_parts = _partition(
+            raw.stream_rows([paths["raw_sample"]], lambda b: _parse_impressions(b, ads), accounting, "raw_sample",
+                            threads, skip_lines=1, progress=progress),
+            partitions, tmp, "impressions",
+        )  # fmt: skip
+        behavior_progress = raw.Progress("taobao behavior_log", os.path.getsize(paths["behavior_log"]), emit=progress.emit) if progress else None
+        behavior_parts = _partition(
+            raw.stream_rows([paths["behavior_log"]], _parse_behaviors, accounting, "behavior_log", threads,
+                            skip_lines=1, progress=behavior_progress),
+            partitions, tmp, "behaviors",
+        )  # fmt: skip
+        if behavior_progress:
+            behavior_progress.done()
+        for sample_path, behavior_path in zip(sample_parts, behavior_parts):
+            impressions = np.fromfile(sample_path, _IMPRESSION)
+            behaviors = np.fromfile(behavior_path, _BEHAVIOR)
+            os.remove(sample_path)
+            os.remove(behavior_path)
+            behaviors = behaviors[np.lexsort((behaviors["ts"], behaviors["user"]))]  # stable: ties keep log order
+            for begin in range(0, len(impressions), chunk_rows):
+                yield _join(impressions[begin : begin + chunk_rows], behaviors, ads, users, btag_ids, max_len, accounting)
+
+
+def _join(
+    imp: np.ndarray, behaviors: np.ndarray, ads: _Table, users: _Table, btag_ids: np.ndarray, max_len: int,
+    accounting: raw.RowAccounting,
+) -> rows_lib.Rows:
+    user_row, has_profile = users.find(imp["user"])
+    accounting.note("raw_sample: user without a profile (profile features missing)", int((~has_profile).sum()))
+    profile = np.where(has_profile[:, None], users.ids[user_row], _missing_profile_ids()[None, :])
+    ids = np.concatenate([
+        np.stack([imp["userid"], imp["adgroup_id"], imp["pid"]], axis=1), ads.ids[imp["ad"]], profile,
+    ], axis=1)  # fmt: skip
+    seq = np.zeros((len(imp), 3, max_len), np.int64)
+    length = np.zeros(len(imp), np.int32)
+    if len(behaviors):
+        index, length = histories(behaviors, imp["user"], imp["ts"], max_len)
+        real = rows_lib.sequence_mask(length, max_len)
+        seq[:] = np.stack([behaviors["cate"][index], behaviors["brand"][index], btag_ids[behaviors["btag"][index]]], 1)
+        seq *= real[:, None, :]
+    return rows_lib.Rows(
+        label=imp["label"].astype(np.float32),
+        dense=ads.dense[imp["ad"]],
+        ids=ids,
+        day=_day_key(imp["ts"]),
+        seq=seq,
+        seq_len=length,
+        group=imp["user"].copy(),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Synthetic data in the raw layout, with a click signal that lives in the behaviour sequences.
+
+_FIRST_BEHAVIOR_DAY = np.datetime64("2017-04-22")
+_FIRST_SAMPLE_DAY = np.datetime64("2017-05-06")
+
+
+def write_synthetic(
+    raw_dir: str, num_users: int = 2_000, impressions_per_user: float = 20.0, seed: int = 0, gzip_files: bool = False
+) -> None:
+    """Writes the four raw TaobaoAds files into ``raw_dir``, with learnable clicks.
+
+    Users each favour a few categories and behave mostly in them (22 days of behaviours up to 2017-05-13);
+    impressions (8 days, 2017-05-06..13, the last being the test day) show ads of a favourite category 40% of
+    the time. A click is much more likely when the ad's category, and more so also its brand, appears among
+    the user's last 50 behaviours before the impression: the signal a sequence model has to find (a model
+    without sequences only sees the weaker user and ad effects). 10% of users have no profile,
+    ``pvalue_level`` is often empty, 10% of brands are NULL, and the profile header's last name carries the
+    trailing space of the real file.
+    """
+    rng = np.random.default_rng(seed)
+    os.makedirs(raw_dir, exist_ok=True)
+    num_cates, num_brands = 300, 1_000
+    num_ads = max(50, num_users // 2)
+    user_ids = rng.choice(np.arange(1, 20 * num_users + 1), num_users, replace=False)
+    ad_ids = rng.choice(np.arange(1, 20 * num_ads + 1), num_ads, replace=False)
+    ad_cate = np.minimum((num_cates * rng.random(num_ads) ** 2).astype(np.int64), num_cates - 1) + 1
+    brand_of_cate = rng.integers(1, num_brands + 1, (num_cates + 1, 4))
+    ad_brand = brand_of_cate[ad_cate, rng.integers(0, 4, num_ads)]
+    ad_brand_null = rng.random(num_ads) < 0.1
+    favourites = rng.choice(ad_cate, (num_users, 3))  # categories that have ads
+    user_effect = rng.normal(0, 0.3, num_users)
+    ad_effect = rng.normal(0, 0.3, num_ads)
+
+    # Behaviours: mostly in favourite categories, uniformly over 22 days (unix seconds, UTC+8 days).
+    per_user = rng.poisson(60, num_users)
+    b_user = np.repeat(np.arange(num_users), per_user)
+    n_b = len(b_user)
+    b_cate = np.where(rng.random(n_b) < 0.75, favourites[b_user, rng.integers(0, 3, n_b)],
+                      rng.integers(1, num_cates + 1, n_b))  # fmt: skip
+    b_brand = brand_of_cate[b_cate, rng.integers(0, 4, n_b)]
+    b_brand_null = rng.random(n_b) < 0.1
+    b_btag = rng.choice(len(BTAGS), n_b, p=[0.85, 0.07, 0.05, 0.03])
+    b_ts = _unix(_FIRST_BEHAVIOR_DAY) + rng.integers(0, 22 * 86_400, n_b)
+
+    # Impressions over the last 8 days.
+    per_user_imp = rng.poisson(impressions_per_user, num_users)
+    i_user = np.repeat(np.arange(num_users), per_user_imp)
+    n_i = len(i_user)
+    i_ts = _unix(_FIRST_SAMPLE_DAY) + rng.integers(0, 8 * 86_400, n_i)
+    ads_by_cate = {c: np.flatnonzero(ad_cate == c) for c in np.unique(ad_cate)}
+    i_ad = rng.integers(0, num_ads, n_i)
+    liked = rng.random(n_i) < 0.4
+    for i in np.flatnonzero(liked):
+        i_ad[i] = rng.choice(ads_by_cate[favourites[i_user[i], rng.integers(0, 3)]])
+
+    # The signal: the ad's cate / brand among the last 50 behaviours strictly before the impression.
+    order = np.lexsort((b_ts, b_user))
+    sorted_b = np.zeros(n_b, _BEHAVIOR)
+    sorted_b["user"], sorted_b["ts"] = b_user[order], b_ts[order]
+    index, length = histories(sorted_b, i_user, i_ts, MAX_LEN)
+    real = rows_lib.sequence_mask(length, MAX_LEN)
+    cate_seen = ((b_cate[order][index] == ad_cate[i_ad][:, None]) & real).any(axis=1)
+    brand_seen = ((b_brand[order][index] == ad_brand[i_ad][:, None]) & ~b_brand_null[order][index] & real).any(axis=1)
+    logit = -2.6 + 1.6 * cate_seen + 1.0 * (brand_seen & ~ad_brand_null[i_ad]) + user_effect[i_user] + ad_effect[i_ad]
+    clk = (rng.random(n_i) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+
+    def brand_text(brand: np.ndarray, null: np.ndarray) -> list[str]:
+        return ["NULL" if n else str(b) for b, n in zip(brand.tolist(), null.tolist())]
+
+    sample = zip(user_ids[i_user].tolist(), i_ts.tolist(), ad_ids[i_ad].tolist(),
+                 [f"430548_100{p}" for p in rng.integers(7, 9, n_i).tolist()], (1 - clk).tolist(), clk.tolist())
+    _write_csv(raw_dir, "raw_sample", SAMPLE_COLUMNS, sample, gzip_files)
+    price = np.round(np.exp(rng.normal(4, 1, num_ads)), 2)
+    ads = zip(ad_ids.tolist(), ad_cate.tolist(), rng.integers(1, 10 * num_ads, num_ads).tolist(),
+              rng.integers(1, 5 * num_ads, num_ads).tolist(), brand_text(ad_brand, ad_brand_null), price.tolist())
+    _write_csv(raw_dir, "ad_feature", AD_COLUMNS, ads, gzip_files)
+    with_profile = np.flatnonzero(rng.random(num_users) >= 0.1)
+    profile = rng.integers(0, 4, (len(with_profile), len(PROFILE_FEATURES)))
+    pvalue = [str(v) if keep else "" for v, keep in zip(profile[:, 4].tolist(), (rng.random(len(with_profile)) < 0.5).tolist())]
+    users = [(u, *p[:4], pv, *p[5:]) for u, p, pv in zip(user_ids[with_profile].tolist(), profile.tolist(), pvalue)]
+    _write_csv(raw_dir, "user_profile", USER_COLUMNS[:-1] + (USER_COLUMNS[-1] + " ",), users, gzip_files)
+    shuffled = rng.permutation(n_b)  # the real log is not sorted
+    behaviors = zip(user_ids[b_user[shuffled]].tolist(), b_ts[shuffled].tolist(), [BTAGS[t] for t in b_btag[shuffled].tolist()],
+                    b_cate[shuffled].tolist(), brand_text(b_brand[shuffled], b_brand_null[shuffled]))  # fmt: skip
+    _write_csv(raw_dir, "behavior_log", BEHAVIOR_COLUMNS, behaviors, gzip_files)
+
+
+def _unix(day: np.datetime64) -> int:
+    """Unix seconds of 00:00 China time (UTC+8) on ``day``."""
+    return int(day.astype("datetime64[s]").astype(np.int64)) - _UTC8
+
+
+def _write_csv(raw_dir: str, name: str, header: tuple[str, ...], rows, gzip_file: bool) -> None:
+    path = os.path.join(raw_dir, name + ".csv" + (".gz" if gzip_file else ""))
+    opener = gzip.open if gzip_file else open
+    with opener(path, "wt", encoding="ascii") as out:
+        out.write(",".join(header) + "\n")
+        out.write("".join(",".join(map(str, row)) + "\n" for row in rows))

@@ -1,0 +1,54 @@
+"""DLRM (Naumov et al. 2019, arXiv 1906.00091): bottom MLP, pairwise dot interaction, top MLP."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+
+from ctr.models import registry
+from ctr.models.inputs import ModelInputs
+from ctr.models.layers import MLP, FeatureTokens, activation_fn, pairwise_dots
+
+
+@registry.register("dlrm")
+@gin.configurable
+class DLRM(nn.Module):
+    """DLRM: ``logit = top_mlp([bottom_mlp(dense) || <e_i, e_j> for i < j])``.
+
+    The dense features go through the bottom MLP to one vector of width ``dim``; it and the categorical
+    embeddings (each projected to ``dim`` when its width differs) interact through the dot products of all
+    distinct pairs. Without dense features the top MLP sees only the pairwise dots.
+
+    Attributes:
+      dim: interaction width (the embedding width; the bottom MLP's output width).
+      bottom_mlp: hidden widths of the bottom MLP (its final layer, of width ``dim``, is added).
+      top_mlp: hidden widths of the top MLP (its final layer, of width 1, is added).
+      activation: activation name.
+      dropout: top-MLP dropout.
+      pool_sequences: add each behaviour sequence, mean-pooled, as one more interacting vector.
+      dtype: compute dtype (``"bfloat16"`` for mixed precision; parameters stay float32).
+    """
+
+    dim: int = 16
+    bottom_mlp: Sequence[int] = (512, 256)
+    top_mlp: Sequence[int] = (512, 256)
+    activation: str = "relu"
+    dropout: float = 0.0
+    pool_sequences: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs: ModelInputs, *, train: bool = False) -> jax.Array:
+        dtype = jnp.dtype(self.dtype)
+        act = activation_fn(self.activation)
+        tokens = FeatureTokens(
+            self.dim, tuple(self.bottom_mlp), self.pool_sequences, act, dtype=dtype, name="tokens"
+        )(inputs)
+        parts = [pairwise_dots(tokens)]
+        if inputs.dense is not None:
+            parts.insert(0, tokens[:, 0])  # the bottom MLP's output is token 0
+        top = MLP((*self.top_mlp, 1), act, dropout=self.dropout, activate_last=False, dtype=dtype, name="top_mlp")
+        return top(jnp.concatenate(parts, axis=-1), train=train)[..., 0].astype(jnp.float32)

@@ -1,0 +1,257 @@
+"""InterFormer (Zeng et al. 2024, arXiv 2411.09852): interleaved learning of non-sequence and sequence features.
+
+Shapes: ``B`` batch, ``n`` non-sequence tokens, ``L`` events, ``d`` token width, ``C`` CLS tokens (the
+non-sequence summary width), ``P`` PMA tokens, ``K`` recent tokens.
+
+Preprocessing (paper §4.1). Non-sequence features become tokens ``X [B, n, d]`` (the dense features through one
+linear map, each categorical embedding projected to ``d`` when its width differs). The behaviour sequences are
+merged into one ``S [B, L, d]`` as the paper does with MaskNet: the sequences are concatenated per position
+(feature axis; shorter ones left-padded so the most recent events line up), then
+``MaskNet(S) = MLP_lce(S * MLP_mask(S))`` compresses them to ``d``. A position is real when any sequence has an
+event there.
+
+Block ``l`` (paper §4.2-4.4 and Algorithm 1):
+
+- Cross Arch: ``X_sum = Gating(MLP(X))  [B, C, d]`` (:class:`NonSequenceSummary`) and
+  ``S_sum = Gating([S_CLS || PMA(S) || S_recent])  [B, C+P+K, d]`` (:class:`SequenceSummary`), with
+  ``Gating(Z) = sigmoid(Z * MLP(Z))`` as in the paper.
+- Interaction Arch: ``X' = MLP(Interaction([X || S_sum]))``: a DHEN stack over the ``n + C+P+K`` tokens, then a
+  linear map over the token axis back to ``n`` tokens, added to ``X`` and layer-normed.
+- Sequence Arch: ``S' = MHA(PFFN(X_sum, S))`` with ``PFFN(X_sum, S) = (X_sum W) S`` (a per-example ``d x d``
+  weight built from the summary, paper appendix A.2) and self-attention with rotary positions and the padding
+  mask; both sub-layers are residual + layer norm (standard transformer practice; the paper's equations omit it).
+
+Before the first block, ``X_sum`` is prepended to the sequence as ``C`` CLS tokens (always valid, position 0;
+events take positions 1..L). After the last block a final Cross Arch summarises both sides and the head MLP reads
+``[X_sum || S_sum]``.
+
+Without sequences (Criteo, Avazu) the Sequence Arch and the sequence summary are skipped: each block is the
+interaction arch over ``X`` alone and the head reads ``X_sum``, i.e. the model reduces to DHEN with a gated
+summary head.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+
+from ctr.models import registry
+from ctr.models.dhen import DHEN
+from ctr.models.inputs import ModelInputs
+from ctr.models.layers import (
+    MLP,
+    Activation,
+    FeatureTokens,
+    MultiHeadAttention,
+    PoolingByAttention,
+    SelfGating,
+    activation_fn,
+)
+
+
+def merge_sequences(inputs: ModelInputs) -> tuple[jax.Array, jax.Array]:
+    """All sequences concatenated per position: ``[B, L_max, sum(D_s)]`` and the merged mask ``[B, L_max]``.
+
+    Sequences are left-padded to the longest so that position ``-1`` is every sequence's most recent event.
+    """
+    length = max(s.shape[1] for s in inputs.sequences.values())
+    parts, masks = [], []
+    for name, seq in inputs.sequences.items():
+        pad = length - seq.shape[1]
+        parts.append(jnp.pad(seq, ((0, 0), (pad, 0), (0, 0))))
+        masks.append(jnp.pad(inputs.masks[name].astype(bool), ((0, 0), (pad, 0))))
+    return jnp.concatenate(parts, axis=-1), jnp.any(jnp.stack(masks), axis=0)
+
+
+def most_recent(sequence: jax.Array, mask: jax.Array, k: int) -> jax.Array:
+    """The ``k`` most recent real events ``[B, k, D]``, most recent first; zeros where there are fewer than ``k``.
+
+    Works for any padding layout: "most recent" is the largest position among the real events.
+    """
+    m = mask.astype(jnp.int32)
+    rank = jnp.flip(jnp.cumsum(jnp.flip(m, axis=1), axis=1), axis=1) * m  # 1 = most recent real event, 0 = pad
+    select = (rank[:, None, :] == jnp.arange(1, k + 1)[None, :, None]).astype(sequence.dtype)  # [B, k, L]
+    return jnp.einsum("bkl,bld->bkd", select, sequence)
+
+
+class SequenceMaskNet(nn.Module):
+    """``[B, L, F] -> [B, L, d]``: ``LayerNorm(MLP_lce(S * MLP_mask(S)))``, position-wise."""
+
+    dim: int
+    activation: Activation = nn.swish
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, s: jax.Array) -> jax.Array:
+        f = s.shape[-1]
+        mask = MLP((f, f), self.activation, activate_last=False, dtype=self.dtype, name="mask_mlp")(s)
+        s = nn.Dense(self.dim, dtype=self.dtype, name="lce")(s * mask)
+        return nn.LayerNorm(dtype=self.dtype, name="norm")(s)
+
+
+class NonSequenceSummary(nn.Module):
+    """Cross Arch, non-sequence side: ``X_sum = Gating(MLP(X))``, ``[B, n, d] -> [B, C, d]`` (sown as ``x_sum``)."""
+
+    num_tokens: int
+    gate_hidden: Sequence[int] = ()
+    activation: Activation = nn.swish
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, d = x.shape
+        x_sum = nn.Dense(self.num_tokens * d, dtype=self.dtype, name="mlp")(x.reshape(b, n * d))
+        x_sum = SelfGating(self.gate_hidden, self.activation, self.dtype, name="gate")(
+            x_sum.reshape(b, self.num_tokens, d)
+        )
+        self.sow("intermediates", "x_sum", x_sum)
+        return x_sum
+
+
+class SequenceSummary(nn.Module):
+    """Cross Arch, sequence side: ``S_sum = Gating([S_CLS || PMA(S) || S_recent])``, ``[B, C+L, d] -> [B, C+P+K, d]``.
+
+    ``S`` starts with the ``C`` CLS tokens; PMA and the recent tokens read the events only. The parts are sown as
+    ``cls``, ``pma``, ``recent`` and the result as ``s_sum``.
+    """
+
+    num_cls: int
+    num_pma: int
+    num_recent: int
+    num_heads: int
+    gate_hidden: Sequence[int] = ()
+    activation: Activation = nn.swish
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, s: jax.Array, mask: jax.Array) -> jax.Array:
+        cls, events, event_mask = s[:, : self.num_cls], s[:, self.num_cls :], mask[:, self.num_cls :]
+        self.sow("intermediates", "cls", cls)
+        parts = [cls]
+        if self.num_pma:
+            pma = PoolingByAttention(self.num_pma, self.num_heads, self.dtype, name="pma")(events, event_mask)
+            self.sow("intermediates", "pma", pma)
+            parts.append(pma)
+        if self.num_recent:
+            recent = most_recent(events, event_mask, self.num_recent)
+            self.sow("intermediates", "recent", recent)
+            parts.append(recent)
+        s_sum = SelfGating(self.gate_hidden, self.activation, self.dtype, name="gate")(jnp.concatenate(parts, axis=1))
+        self.sow("intermediates", "s_sum", s_sum)
+        return s_sum
+
+
+class InteractionArch(nn.Module):
+    """``X' = LayerNorm(X + LCE(DHEN([X || S_sum])))``: ``[B, n, d]`` (+ ``[B, m, d]``) ``-> [B, n, d]``.
+
+    The linear compression (LCE) maps the ``n + m`` interacted tokens back to ``n`` over the token axis.
+    """
+
+    dhen_layers: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, s_sum: jax.Array | None) -> jax.Array:
+        n = x.shape[1]
+        tokens = x if s_sum is None else jnp.concatenate([x, s_sum], axis=1)
+        tokens = DHEN(num_layers=self.dhen_layers, dtype=self.dtype, name="dhen")(tokens)
+        lce = self.param("lce", nn.initializers.lecun_normal(), (tokens.shape[1], n))
+        mixed = jnp.einsum("btd,tn->bnd", tokens, lce.astype(self.dtype))
+        return nn.LayerNorm(dtype=self.dtype, name="norm")(x + mixed)
+
+
+class SequenceArch(nn.Module):
+    """``S' = MHA(PFFN(X_sum, S))`` over ``S [B, C+L, d]`` with its mask and positions (each residual + norm)."""
+
+    num_heads: int
+    rope_base: float = 10000.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_sum: jax.Array, s: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
+        c, d = x_sum.shape[1], x_sum.shape[2]
+        w = self.param("pffn", nn.initializers.normal(1.0 / d), (c, d))
+        w_pffn = jnp.einsum("bci,cj->bij", x_sum, w.astype(self.dtype))  # [B, d, d], one FFN weight per example
+        s = nn.LayerNorm(dtype=self.dtype, name="pffn_norm")(s + jnp.einsum("bij,btj->bti", w_pffn, s))
+        attn = MultiHeadAttention(self.num_heads, self.rope_base, self.dtype, name="mha")(
+            s, s, mask, positions, positions
+        )
+        return nn.LayerNorm(dtype=self.dtype, name="mha_norm")(s + attn)
+
+
+@registry.register("interformer")
+@gin.configurable
+class InterFormer(nn.Module):
+    """InterFormer: ``ModelInputs -> logits [B]`` (see the module docstring for the architecture).
+
+    Attributes:
+      dim: token width ``d``.
+      num_layers: InterFormer blocks ``L``.
+      num_heads: attention heads (sequence MHA and PMA).
+      num_cls: CLS tokens = non-sequence summary tokens ``C`` (paper: 4).
+      num_pma: PMA tokens ``P`` (paper: 2; 0 removes them).
+      num_recent: most recent event tokens ``K`` (paper: 2; 0 removes them).
+      dhen_layers: DHEN layers inside each block's interaction arch (the rest is bound on ``DHEN``).
+      gate_hidden: hidden widths of the gating MLPs.
+      head: hidden widths of the head MLP (paper: 1024, 512, 256, 128).
+      activation: activation name (paper: swish).
+      dropout: head dropout.
+      rope_base: rotary frequency base.
+      dtype: compute dtype (``"bfloat16"`` for mixed precision; parameters stay float32).
+    """
+
+    dim: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    num_cls: int = 4
+    num_pma: int = 2
+    num_recent: int = 2
+    dhen_layers: int = 1
+    gate_hidden: Sequence[int] = ()
+    head: Sequence[int] = (1024, 512, 256, 128)
+    activation: str = "swish"
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs: ModelInputs, *, train: bool = False) -> jax.Array:
+        dtype = jnp.dtype(self.dtype)
+        act = activation_fn(self.activation)
+
+        def summarise(i: int, x: jax.Array, s: jax.Array | None, mask: jax.Array | None):
+            x_sum = NonSequenceSummary(self.num_cls, tuple(self.gate_hidden), act, dtype, name=f"x_summary_{i}")(x)
+            if s is None:
+                return x_sum, s, mask, None
+            if i == 0:  # the first non-sequence summary becomes the CLS tokens, ahead of the events
+                s = jnp.concatenate([x_sum, s], axis=1)
+                mask = jnp.concatenate([jnp.ones(x_sum.shape[:2], bool), mask], axis=1)
+            s_sum = SequenceSummary(
+                self.num_cls, self.num_pma, self.num_recent, self.num_heads, tuple(self.gate_hidden), act, dtype,
+                name=f"s_summary_{i}",
+            )(s, mask)
+            return x_sum, s, mask, s_sum
+
+        x = FeatureTokens(self.dim, dtype=dtype, name="tokens")(inputs)
+        s = mask = None
+        if inputs.sequences:
+            merged, mask = merge_sequences(inputs)
+            s = SequenceMaskNet(self.dim, act, dtype, name="masknet")(merged.astype(dtype))
+            # CLS tokens sit at position 0, the events at 1..L (rotary attention only sees differences).
+            positions = jnp.concatenate([jnp.zeros(self.num_cls, jnp.int32), jnp.arange(1, s.shape[1] + 1)])[None]
+        for i in range(self.num_layers):
+            x_sum, s, mask, s_sum = summarise(i, x, s, mask)
+            x_next = InteractionArch(self.dhen_layers, dtype, name=f"interaction_{i}")(x, s_sum)
+            if s is not None:
+                s = SequenceArch(self.num_heads, self.rope_base, dtype, name=f"sequence_{i}")(x_sum, s, mask, positions)
+            x = x_next
+        # A final Cross Arch summarises the last block's outputs for the head.
+        x_sum, _, _, s_sum = summarise(self.num_layers, x, s, mask)
+        summary = x_sum.reshape(x_sum.shape[0], -1)
+        if s_sum is not None:
+            summary = jnp.concatenate([summary, s_sum.reshape(s_sum.shape[0], -1)], axis=-1)
+        head = MLP((*self.head, 1), act, dropout=self.dropout, activate_last=False, dtype=dtype, name="head")
+        return head(summary, train=train)[..., 0].astype(jnp.float32)

@@ -1,0 +1,206 @@
+"""Deep Hash Embedding (Kang et al. 2021, "Learning to Embed Categorical Features without Embedding Tables for
+Recommendation"): an id's embedding is computed by an MLP from a dense hash encoding; there is no table.
+
+Encoding (deterministic, no parameters, no storage): ``k`` strongly universal hash functions
+(:func:`embeddings.hashing.dhe_hash`, salted per feature) map the 63-bit id to ``k`` values in ``[0, 2**16)``,
+which are turned into real numbers:
+
+- ``"uniform"``: ``2 * (v + 0.5) / 2**16 - 1``, uniform in ``(-1, 1)``;
+- ``"gaussian"``: Box-Muller on consecutive pairs of those uniforms, standard normal (``k`` even).
+
+The paper hashes into ``m = 10**6`` buckets; 16 output bits keep every hash exact in uint32 arithmetic (JAX
+runs without 64-bit integers, so the host hands the fingerprint over as two uint32 words and the device splits
+them into 16-bit limbs). Two distinct ids share an encoding only if all ``k`` coordinates collide, which at
+``k = 1024`` has probability ``2**-16384``: the encoding is a unique identifier, for ids never seen in
+training too.
+
+Decoder: ``Dense -> [LayerNorm] -> activation`` per hidden layer, then a linear ``Dense`` to the feature's
+width (Flax default init: LeCun-normal kernels, zero biases). The paper uses batch normalisation and Mish; the
+collection's ``combine`` has no train/eval switch or mutable statistics, so normalisation here is ``"layer"``
+or ``"none"``. Each feature gets its own network (as in the paper) unless ``shared=True``, where features of
+equal width share one network and are told apart by their hash salts (feature multiplexing, as in Unified
+Embedding).
+
+Cost: the encoding is ``[..., k]`` per id (``k = 1024``, batch 4096, 26 features: 436 MB float32), produced by
+one fused elementwise op and consumed by the first matmul; ``dtype="bfloat16"`` halves it. Its compute,
+``~2 x network parameters`` FLOPs per id, is what DHE trades for table memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from embeddings import hashing
+from embeddings.specs import FeatureSpec
+from embeddings.tables import Lookup, TableConfig
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "mish": jax.nn.mish,
+    "relu": jax.nn.relu,
+    "gelu": jax.nn.gelu,
+    "swish": jax.nn.swish,
+    "tanh": jnp.tanh,
+}
+NORMALIZATIONS = ("layer", "none")
+TRANSFORMS = ("uniform", "gaussian")
+_HASH_LEVELS = 2.0**16
+
+
+def encode(words: jax.Array, salt: int, k: int, transform: str, dtype: str = "float32") -> jax.Array:
+    """The dense hash encoding ``[..., k]`` of ids given as ``uint32 [..., 2]`` words."""
+    a, b = hashing.dhe_coefficients(salt, k)
+    values = hashing.dhe_hash(words, jnp.asarray(a), jnp.asarray(b), xp=jnp)
+    u = (values.astype(jnp.float32) + 0.5) / _HASH_LEVELS  # uniform in (0, 1), never 0: log is safe
+    if transform == "uniform":
+        return (2.0 * u - 1.0).astype(dtype)
+    radius = jnp.sqrt(-2.0 * jnp.log(u[..., 0::2]))
+    angle = 2.0 * jnp.pi * u[..., 1::2]
+    normal = jnp.stack([radius * jnp.cos(angle), radius * jnp.sin(angle)], axis=-1)
+    return normal.reshape(*u.shape).astype(dtype)
+
+
+class DHENetwork(nn.Module):
+    """The decoder MLP: ``[..., k] -> [..., out_dim]``."""
+
+    hidden: tuple[int, ...]
+    out_dim: int
+    activation: str = "mish"
+    normalization: str = "layer"
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        act = ACTIVATIONS[self.activation]
+        for i, width in enumerate(self.hidden):
+            x = nn.Dense(width, dtype=self.dtype, name=f"dense_{i}")(x)
+            if self.normalization == "layer":
+                x = nn.LayerNorm(dtype=self.dtype, name=f"norm_{i}")(x)
+            x = act(x)
+        return nn.Dense(self.out_dim, dtype=self.dtype, name="out")(x)
+
+
+def network_parameters(k: int, hidden: Sequence[int], out_dim: int, normalization: str) -> int:
+    """Parameters of one :class:`DHENetwork` (weights, biases, LayerNorm scales and offsets)."""
+    widths = [k, *hidden, out_dim]
+    dense = sum(i * o + o for i, o in zip(widths[:-1], widths[1:]))
+    return dense + (2 * sum(hidden) if normalization == "layer" else 0)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DHE:
+    """The DHE family.
+
+    Attributes:
+      k: hash functions per id (width of the encoding); even for ``"gaussian"``.
+      transform: ``"uniform"`` or ``"gaussian"``.
+      hidden: hidden-layer widths of each network (with ``budget_bytes``, only their count is used).
+      activation: one of :data:`ACTIVATIONS`.
+      normalization: ``"layer"`` or ``"none"``.
+      shared: one network per width shared by the family's features, instead of one per feature.
+      budget_bytes: if set, all hidden layers get one common width, the largest whose float32 network
+        parameters (all networks) fit this budget.
+      dtype: dtype of the encoding and the network's computation (parameters stay float32).
+    """
+
+    k: int = 1024
+    transform: str = "uniform"
+    hidden: tuple[int, ...] = (512, 256)
+    activation: str = "mish"
+    normalization: str = "layer"
+    shared: bool = False
+    budget_bytes: int | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"DHE.transform must be one of {TRANSFORMS}, got {self.transform!r}")
+        if self.transform == "gaussian" and self.k % 2:
+            raise ValueError(f"the gaussian DHE transform pairs hashes: k must be even, got {self.k}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"DHE.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"DHE.normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+
+    def build(self, key: str, specs: Sequence[FeatureSpec], row_alignment: int) -> DHEPart:
+        del row_alignment  # no tables
+        networks = {_network_name(key, s, self.shared): s.dim for s in specs}
+        hidden = tuple(self.hidden)
+        if self.budget_bytes is not None:
+            hidden = (self._width_for_budget(networks.values()),) * len(self.hidden)
+        return DHEPart(family=key, config=self, hidden=hidden, specs=tuple(specs))
+
+    def _width_for_budget(self, out_dims: Sequence[int]) -> int:
+        """The largest common hidden width whose networks fit ``budget_bytes`` (binary search: params grow with
+        the width)."""
+
+        def params(width: int) -> int:
+            return sum(network_parameters(self.k, (width,) * len(self.hidden), d, self.normalization) for d in out_dims)
+
+        budget = self.budget_bytes // 4
+        if params(1) > budget:
+            raise ValueError(f"DHE budget {self.budget_bytes} B cannot hold even width-1 networks")
+        lo, hi = 1, budget + 1
+        while lo + 1 < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if params(mid) <= budget else (lo, mid)
+        return lo
+
+
+def _network_name(family: str, spec: FeatureSpec, shared: bool) -> str:
+    return f"{family}_d{spec.dim}" if shared else f"{family}_{spec.name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DHEPart:
+    """The features one DHE family serves.
+
+    Attributes:
+      family: the family's key in the collection config.
+      config: the family config.
+      hidden: resolved hidden widths of every network.
+      specs: the features served.
+    """
+
+    family: str
+    config: DHE
+    hidden: tuple[int, ...]
+    specs: tuple[FeatureSpec, ...]
+    tables: tuple[TableConfig, ...] = ()
+    lookups: tuple[Lookup, ...] = ()
+
+    def host_ids(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``uint32 [..., 2]`` fingerprint words per input (see :func:`embeddings.hashing.words_np`)."""
+        return {source: hashing.words_np(batch[source]) for spec in self.specs for source in spec.inputs}
+
+    def encode(self, ids: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """The hash encodings ``[..., k]``: this family's "rows" (no parameters, outside autodiff)."""
+        c = self.config
+        return {
+            source: encode(ids[source], hashing.salt(spec.name), c.k, c.transform, c.dtype)
+            for spec in self.specs
+            for source in spec.inputs
+        }
+
+    def embed(self, rows: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """Runs the networks on the encodings (inside the caller's Flax ``@nn.compact`` scope)."""
+        c = self.config
+        networks: dict[str, DHENetwork] = {}
+        out = {}
+        for spec in self.specs:
+            name = _network_name(self.family, spec, c.shared)
+            if name not in networks:
+                networks[name] = DHENetwork(self.hidden, spec.dim, c.activation, c.normalization, c.dtype, name=name)
+            for source in spec.inputs:
+                out[source] = networks[name](rows[source])
+        return out
+
+    def num_parameters(self) -> int:
+        dims = {_network_name(self.family, s, self.config.shared): s.dim for s in self.specs}
+        return sum(network_parameters(self.config.k, self.hidden, d, self.config.normalization) for d in dims.values())

@@ -1,0 +1,142 @@
+"""Sharded lookups and updates (8 CPU devices) against the single-device reference."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from embeddings import sharding, sparse_optim
+
+V, D = 1024, 8
+AUTO = jax.sharding.AxisType.Auto
+
+# (mesh shape, row axes): rows over all 8 devices; over "model" only (4 replicas); over both axes of a 4x2 mesh.
+PLACEMENTS = {
+    "8x1/all": ((8, 1), ("data", "model")),
+    "4x2/model": ((4, 2), ("model",)),
+    "4x2/all": ((4, 2), ("data", "model")),
+}
+# "routed": spread ids and room for all of them (never overflows); "fallback": every id on shard 0 and the
+# smallest capacity (always overflows, so the exact fallback runs).
+REGIMES = {"routed": 8.0, "fallback": 1.0}
+
+
+def _placement(name: str) -> sharding.Placement:
+    shape, row_axes = PLACEMENTS[name]
+    return sharding.Placement(jax.make_mesh(shape, ("data", "model"), axis_types=(AUTO, AUTO)), row_axes)
+
+
+def _inputs(regime: str, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    high = V // 8 if regime == "fallback" else V  # V/8 rows = shard 0 of the 8-way split
+    ids = [rng.integers(0, high, (64,)), rng.integers(0, high, (32, 3))]  # a feature and a sequence
+    ids = [jnp.asarray(i, jnp.int32) for i in ids]
+    grads = [jnp.asarray(rng.normal(size=(*i.shape, D)), jnp.float32) for i in ids]
+    table = jnp.asarray(rng.uniform(-0.05, 0.05, (V, D)), jnp.float32)
+    return table, ids, grads
+
+
+def _batch_sharded(placement, arrays):
+    spec = lambda x: P(tuple(placement.mesh.axis_names), *([None] * (x.ndim - 1)))
+    return [jax.device_put(x, jax.sharding.NamedSharding(placement.mesh, spec(x))) for x in arrays]
+
+
+@pytest.mark.parametrize("path", sharding.PATHS)
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("where", PLACEMENTS)
+def test_sharded_lookup_and_update_equal_single_device(where, regime, path):
+    placement = _placement(where)
+    options = sharding.LookupOptions(path=path, capacity_factor=REGIMES[regime])
+    table, ids, grads = _inputs(regime)
+    mesh, axes = placement.mesh, placement.row_axes
+
+    sharded_table = jax.device_put(table, sharding.row_sharding(mesh, axes))
+    got = jax.jit(lambda t, i: sharding.gather_rows(t, i, placement, options))(
+        sharded_table, _batch_sharded(placement, ids)
+    )
+    for rows, i in zip(got, ids):
+        np.testing.assert_array_equal(rows, jnp.take(table, i, axis=0))  # exact
+
+    optimizer = sparse_optim.SparseAdam(learning_rate=0.01)
+    slots = optimizer.init(table)
+    step = jnp.int32(3)
+    want_table, want_slots = sharding.update_rows(table, slots, ids, grads, optimizer, step, None, options)
+    update = jax.jit(
+        lambda t, s, i, g: sharding.update_rows(t, s, i, g, optimizer, step, placement, options),
+        out_shardings=(sharding.row_sharding(mesh, axes), sharding.slot_shardings(slots, mesh, axes)),
+        donate_argnums=(0, 1),
+    )
+    got_table, got_slots = update(
+        sharded_table,
+        jax.device_put(slots, sharding.slot_shardings(slots, mesh, axes)),
+        _batch_sharded(placement, ids),
+        _batch_sharded(placement, grads),
+    )
+    touched = np.zeros(V, bool)
+    for i in ids:
+        touched[np.asarray(i).reshape(-1)] = True
+    for got_x, want_x, before in [(got_table, want_table, table)] + [
+        (got_slots[k], want_slots[k], slots[k]) for k in slots
+    ]:
+        # Duplicate gradients are summed in another order on a mesh: touched rows agree to rounding...
+        np.testing.assert_allclose(got_x, want_x, rtol=2e-6, atol=1e-7)
+        # ...and untouched rows and slots are bit for bit unchanged.
+        np.testing.assert_array_equal(np.asarray(got_x)[~touched], np.asarray(before)[~touched])
+
+
+def test_bf16_rows_on_both_paths():
+    placement = _placement("8x1/all")
+    table, ids, _ = _inputs("routed")
+    sharded = jax.device_put(table, sharding.row_sharding(placement.mesh, placement.row_axes))
+    for path in sharding.PATHS:
+        options = sharding.LookupOptions(path=path, rows_dtype="bfloat16")
+        got = jax.jit(lambda t, i: sharding.gather_rows(t, i, placement, options))(sharded, ids)
+        for rows, i in zip(got, ids):
+            assert rows.dtype == jnp.bfloat16
+            np.testing.assert_array_equal(rows, jnp.take(table, i, axis=0).astype(jnp.bfloat16))
+
+
+def test_rowwise_slots_shard_with_their_table():
+    """A 1-D slot (row-wise Adagrad) is row-sharded like its table, and the routed update handles it."""
+    placement = _placement("4x2/model")
+    mesh, axes = placement.mesh, placement.row_axes
+    optimizer = sparse_optim.SparseRowwiseAdagrad()
+    table, ids, grads = _inputs("routed", seed=1)
+    slots = optimizer.init(table)
+    shardings = sharding.slot_shardings(slots, mesh, axes)
+    assert shardings["accumulator"].spec == P(("model",))
+    assert sharding.row_sharding(mesh, axes).spec == P(("model",), None)
+    options = sharding.LookupOptions(path="shard_map")
+    want = sharding.update_rows(table, slots, ids, grads, optimizer, jnp.int32(0), None, options)
+    got = jax.jit(lambda t, s: sharding.update_rows(t, s, ids, grads, optimizer, jnp.int32(0), placement, options))(
+        jax.device_put(table, sharding.row_sharding(mesh, axes)), jax.device_put(slots, shardings)
+    )
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=2e-6, atol=1e-7)
+
+
+def test_shard_map_local_gather_through_the_kernel():
+    kernel_lookup = pytest.importorskip("kernels.lookup")
+    del kernel_lookup
+    placement = _placement("8x1/all")
+    table, ids, _ = _inputs("routed")
+    options = sharding.LookupOptions(path="shard_map", local_gather="kernel", kernel_backend="xla")
+    sharded = jax.device_put(table, sharding.row_sharding(placement.mesh, placement.row_axes))
+    got = jax.jit(lambda t, i: sharding.gather_rows(t, i, placement, options))(sharded, ids)
+    for rows, i in zip(got, ids):
+        np.testing.assert_array_equal(rows, jnp.take(table, i, axis=0))
+
+
+def test_options_and_placement_are_validated():
+    with pytest.raises(ValueError, match="path"):
+        sharding.LookupOptions(path="magic")
+    with pytest.raises(ValueError, match="capacity_factor"):
+        sharding.LookupOptions(capacity_factor=0.5)
+    mesh = jax.make_mesh((8, 1), ("data", "model"), axis_types=(AUTO, AUTO))
+    with pytest.raises(ValueError, match="not axes of the mesh"):
+        sharding.Placement(mesh, ("rows",))
+    with pytest.raises(ValueError, match="leading dimension"):
+        sharding.gather_rows(
+            jnp.zeros((V, D)), [jnp.zeros((12,), jnp.int32)], sharding.Placement(mesh, ("data",)),
+            sharding.LookupOptions(path="shard_map"),
+        )

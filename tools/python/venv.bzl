@@ -1,0 +1,69 @@
+"""A Python toolchain backed by a virtualenv that Bazel builds itself from the pinned lock file.
+
+Bazel 4.2.3 has no rules_python offline, so this repository rule creates `venv/` inside Bazel's output base
+with the machine's Python 3.11 and `pip install -r requirements.lock`, then declares a `py_runtime` for it.
+The interpreter's absolute path exists only in the output base, never in the source tree. Editing
+requirements.lock re-runs the rule. Set CTR_PYTHON to choose the base interpreter (default: python3.11, then
+python3).
+"""
+
+_BUILD = """
+load("@bazel_tools//tools/python:toolchain.bzl", "py_runtime_pair")
+
+py_runtime(
+    name = "py3_runtime",
+    interpreter_path = "{interpreter}",
+    python_version = "PY3",
+    stub_shebang = "#!{interpreter}",
+)
+
+py_runtime_pair(
+    name = "runtime_pair",
+    py3_runtime = ":py3_runtime",
+)
+
+toolchain(
+    name = "toolchain",
+    toolchain = ":runtime_pair",
+    toolchain_type = "@bazel_tools//tools/python:toolchain_type",
+)
+
+exports_files(["venv/bin/python"])
+"""
+
+def _fail_on(result, what):
+    if result.return_code != 0:
+        fail("ctr venv: {} failed (exit {}):\n{}\n{}".format(what, result.return_code, result.stdout, result.stderr))
+
+def _ctr_venv_impl(rctx):
+    base = rctx.os.environ.get("CTR_PYTHON") or rctx.which("python3.11") or rctx.which("python3")
+    if not base:
+        fail("ctr venv: no python3.11 or python3 on PATH; install Python 3.11 or set CTR_PYTHON")
+    version = rctx.execute([base, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
+    _fail_on(version, "asking {} for its version".format(base))
+    if version.stdout.strip() != "3.11":
+        fail("ctr venv: {} is Python {}; ctr pins packages for Python 3.11 (set CTR_PYTHON)".format(
+            base,
+            version.stdout.strip(),
+        ))
+    lock = rctx.path(rctx.attr.lock)
+    rctx.report_progress("creating the virtualenv")
+    _fail_on(rctx.execute([base, "-m", "venv", "venv"]), "python -m venv")
+    python = rctx.path("venv/bin/python")
+    rctx.report_progress("pip install -r requirements.lock (first build only, a few minutes)")
+    _fail_on(
+        rctx.execute(
+            [python, "-m", "pip", "install", "--disable-pip-version-check", "-q", "-r", str(lock)],
+            timeout = 3600,
+            quiet = False,
+        ),
+        "pip install -r {}".format(lock),
+    )
+    rctx.file("BUILD.bazel", _BUILD.format(interpreter = str(python)))
+
+ctr_venv = repository_rule(
+    implementation = _ctr_venv_impl,
+    attrs = {"lock": attr.label(mandatory = True, allow_single_file = True)},
+    environ = ["CTR_PYTHON"],
+    local = False,
+)
