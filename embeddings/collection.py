@@ -135,6 +135,7 @@ class EmbeddingCollection:
 
     def gather(self, tables: Tables, ids: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """Rows for every lookup (outside autodiff); ids are in range by construction."""
+        self._check_placement()
         rows: dict[str, jax.Array] = {}
         for name, mine in self._lookups_by_table().items():
             found = sharding.gather_rows(tables[name], [ids[lk.key] for lk in mine], self.placement, self.lookup)
@@ -165,6 +166,7 @@ class EmbeddingCollection:
     ) -> tuple[Tables, dict[str, sparse_optim.Slots]]:
         """Applies ``optimizer`` to the rows each table's lookups touched this step (gradients of non-table
         lookups are ignored)."""
+        self._check_placement()
         new_tables, new_slots = dict(tables), dict(slots)
         for name, mine in self._lookups_by_table().items():
             new_tables[name], new_slots[name] = sharding.update_rows(
@@ -178,6 +180,10 @@ class EmbeddingCollection:
                 self.lookup,
             )
         return new_tables, new_slots
+
+    def _check_placement(self) -> None:
+        if self.lookup.path == "shard_map" and self.placement is None and self.tables:
+            raise ValueError('LookupOptions.path="shard_map" needs the mesh: use collection.with_mesh(mesh, row_axes)')
 
     def _lookups_by_table(self) -> dict[str, list[Lookup]]:
         by_table: dict[str, list[Lookup]] = {name: [] for name in sorted(self.tables)}

@@ -119,6 +119,7 @@ class DHE:
     dtype: str = "float32"
 
     def __post_init__(self):
+        object.__setattr__(self, "hidden", tuple(self.hidden))  # gin may give a list; keep the config hashable
         if self.transform not in TRANSFORMS:
             raise ValueError(f"DHE.transform must be one of {TRANSFORMS}, got {self.transform!r}")
         if self.transform == "gaussian" and self.k % 2:
@@ -131,7 +132,7 @@ class DHE:
     def build(self, key: str, specs: Sequence[FeatureSpec], row_alignment: int) -> DHEPart:
         del row_alignment  # no tables
         networks = {_network_name(key, s, self.shared): s.dim for s in specs}
-        hidden = tuple(self.hidden)
+        hidden = self.hidden
         if self.budget_bytes is not None:
             hidden = (self._width_for_budget(networks.values()),) * len(self.hidden)
         return DHEPart(family=key, config=self, hidden=hidden, specs=tuple(specs))

@@ -46,7 +46,9 @@ class PerFeature:
         overrides = dict(self.buckets_per_feature)
         unknown = set(overrides) - {s.name for s in specs}
         if unknown:
-            raise ValueError(f"buckets_per_feature of family {key!r} names features it does not serve: {sorted(unknown)}")
+            raise ValueError(
+                f"buckets_per_feature of family {key!r} names features it does not serve: {sorted(unknown)}"
+            )
         rows = {s.name: overrides.get(s.name, self.num_buckets) for s in specs}
         dims = sorted({s.dim for s in specs})
         if self.budget_bytes is not None:

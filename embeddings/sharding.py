@@ -11,20 +11,26 @@ Lookup paths (``LookupOptions.path``, gin):
 
 - ``"xla"``: plain ``jnp.take`` and a plain sparse update on the sharded arrays inside ``jit``; XLA's SPMD
   partitioner inserts the communication (ids gathered to every shard, masked local gathers, a sum over shards).
-- ``"shard_map"``: explicit routing in ``jax.shard_map``. Each device takes its slice of the batch's ids,
-  deduplicates them, sends each distinct id to the shard owning its row with one ``all_to_all`` (fixed
-  per-destination capacity ``ceil(capacity_factor * n / S)``), the owner gathers locally (``jnp.take`` or
-  ``kernels.lookup.lookup``, per ``local_gather``) and a second ``all_to_all`` returns the rows, which are
-  scattered back to the original (duplicated) positions. The sparse update routes (id, summed gradient)
-  pairs the same way; owners sum what they receive (over replicas too) and update their rows and slots in
-  place. If any device has more distinct ids for one shard than the capacity, every device takes an exact
-  fallback for that step instead (all-gather ids, masked local gather, reduce-scatter), chosen with a global
-  ``lax.cond``: results never depend on the capacity, only speed does.
+- ``"shard_map"``: explicit routing in ``jax.shard_map``. Each device takes its slice of the batch's ids
+  (``n`` of them), deduplicates them, sends each distinct id to the shard owning its row with one
+  ``all_to_all`` of fixed per-destination capacity ``cap = ceil(capacity_factor * n / S)``, the owner gathers
+  locally (``jnp.take`` or ``kernels.lookup.lookup``, per ``local_gather``) and a second ``all_to_all``
+  returns the rows, which are scattered back to the original (duplicated) positions. The sparse update routes
+  (id, summed gradient) pairs the same way; owners pool what their replicas received, sum duplicates and
+  update their rows and slots in place. If any device has more distinct ids for one shard than ``cap``, every
+  device takes an exact fallback for that step instead (all-gather the ids, or ids and gradients; masked
+  local gather and reduce-scatter for the lookup), chosen with a global ``lax.cond``: results never depend on
+  the capacity, only speed does. The optimizer update itself runs after the ``cond``, on its small output
+  lists: a table or slot updated inside a conditional would be copied whole every step.
+
+Cost per device and step, with ``M`` devices: the XLA path and the fallback move every id and row (or
+gradient) of the batch, ``~M * n * D`` words; the routed path moves ``~capacity_factor * n * D``. Compute is
+O(ids x D) per device in either path (the routed update applies the optimizer to a static
+``min(V/S, M * n)`` padded entries, so that both branches share one update); nothing scans a table.
 
 Both paths return exactly the rows of a single-device ``jnp.take``. The sparse update sums duplicate
 gradients in a different order on different meshes, so updated rows agree to float32 rounding; untouched rows
-and slots are bit for bit unchanged. Work per step is O(batch ids x D) per device in either path: nothing
-scans a table.
+and slots are bit for bit unchanged.
 
 ``rows_dtype="bfloat16"`` casts gathered rows to bf16 (after the local gather, so the returned rows travel at
 half the bytes); tables, slots and the update stay float32.
@@ -140,9 +146,9 @@ def gather_rows(
     table: jax.Array, ids: Sequence[jax.Array], placement: Placement | None, options: LookupOptions
 ) -> list[jax.Array]:
     """Rows ``[*i.shape, D]`` of ``table`` for every id array ``i`` (ids in range)."""
-    if options.path == "xla" or placement is None:
-        if placement is None:
-            return [_local_gather(table, i, options) for i in ids]
+    if placement is None:
+        return [_local_gather(table, i, options) for i in ids]
+    if options.path == "xla":
         return [jnp.take(table, i, axis=0).astype(options.rows_dtype) for i in ids]
     return _RowRouter(placement, table.shape[0], options).gather(table, ids)
 
@@ -220,9 +226,7 @@ class _RowRouter:
     def gather(self, table: jax.Array, ids: Sequence[jax.Array]) -> list[jax.Array]:
         mesh, row_spec = self.placement.mesh, P(self.placement.row_axes or None, None)
         specs = [self._batch_spec(i) for i in ids]
-        fn = jax.shard_map(
-            self._gather_local, mesh=mesh, in_specs=(row_spec, *specs), out_specs=tuple(specs)
-        )
+        fn = jax.shard_map(self._gather_local, mesh=mesh, in_specs=(row_spec, *specs), out_specs=tuple(specs))
         return list(fn(table, *ids))
 
     def _gather_local(self, shard: jax.Array, *ids: jax.Array) -> tuple[jax.Array, ...]:
@@ -230,15 +234,15 @@ class _RowRouter:
         if self._shards == 1:
             rows = _local_gather(shard, flat, self.options)
         else:
-            unique, inverse = jnp.unique(flat, size=flat.shape[0], fill_value=self.num_rows, return_inverse=True)
+            unique, inverse = sparse_optim.unique_rows(flat, self.num_rows)
             owner, slot, counts = self._route(unique)
             capacity = self._capacity(flat.shape[0])
-            unique_rows = lax.cond(
+            distinct_rows = lax.cond(
                 self._overflow(counts, capacity),
                 lambda: self._gather_fallback(shard, unique),
                 lambda: self._gather_routed(shard, unique, owner, slot, capacity),
             )
-            rows = unique_rows[inverse.reshape(-1)]
+            rows = distinct_rows[inverse]
         out, start = [], 0
         for i in ids:
             out.append(rows[start : start + i.size].reshape(*i.shape, rows.shape[-1]))
@@ -292,8 +296,8 @@ class _RowRouter:
         else:
             owner, slot, counts = self._route(unique)
             capacity = self._capacity(flat.shape[0])
-            # Only the small (rows, gradients) lists pass through the cond: a table or slot operand of a
-            # conditional would be copied whole every step.
+            # The update runs after the cond, on its small (rows, gradients) output: a table or slot updated
+            # inside a conditional would be copied whole every step.
             rows, row_grads = lax.cond(
                 self._overflow(counts, capacity),
                 lambda: self._update_fallback(unique, summed),

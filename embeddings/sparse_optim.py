@@ -6,9 +6,10 @@ the gathers read zeros for them and the scatters drop them. Work per step is O(N
 (no op touches a whole table), and with the table and slots donated XLA updates them in place.
 
 Semantics match the dense optimizers restricted to touched rows: a row that no step touched keeps its value
-and slots bit for bit. Adagrad follows Keras (accumulator starts at 0.1, epsilon outside the square root);
-Adam follows ``optax.adam`` but is "lazy" (as TF's ``LazyAdamOptimizer``): moments of untouched rows are not
-decayed, bias correction uses the global step.
+and slots bit for bit. Adagrad follows Keras (accumulator starts at 0.1) with epsilon outside the square root
+(tf-keras 2.21 puts it inside; with accumulators >= 0.1 the two differ by under 1e-6 relative); Adam follows
+``optax.adam`` but is "lazy" (as TF's ``LazyAdamOptimizer``): moments of untouched rows are not decayed, bias
+correction uses the global step.
 """
 from __future__ import annotations
 
@@ -20,6 +21,29 @@ import jax
 import jax.numpy as jnp
 
 Slots = dict[str, jax.Array]
+
+
+def unique_rows(rows: jax.Array, num_rows: int, size: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Distinct values of ``rows [N]`` (ids in ``[0, num_rows]``) and where each entry went.
+
+    Sort, flag first occurrences, compact, then a vectorised binary search for the inverse: on CPU this is ~3x
+    faster than ``jnp.unique(..., return_inverse=True)``, whose key-value sort dominates a sparse step.
+
+    Args:
+      rows: row ids; ``num_rows`` marks padding.
+      num_rows: the table's rows, also the fill value.
+      size: output length (default N); at least the number of distinct real rows.
+
+    Returns:
+      ``(unique [size], inverse [N])``: ``unique`` ascending, padded with ``num_rows``; ``unique[inverse[i]] ==
+      rows[i]``, except that an id cut off by ``size`` (only ever the padding value) gets ``inverse == size``.
+    """
+    size = rows.shape[0] if size is None else size
+    ordered = jnp.sort(rows)
+    first = jnp.concatenate([jnp.ones((1,), bool), ordered[1:] != ordered[:-1]])
+    slot = jnp.where(first, jnp.cumsum(first, dtype=jnp.int32) - 1, size)
+    unique = jnp.full((size,), num_rows, rows.dtype).at[slot].set(ordered, mode="drop")
+    return unique, jnp.searchsorted(unique, rows, method="scan").astype(jnp.int32)
 
 
 def dedupe_row_grads(
@@ -37,10 +61,8 @@ def dedupe_row_grads(
       rows (ascending) with their summed gradients, the rest padding with row index ``num_rows``.
     """
     size = rows.shape[0] if size is None else size
-    unique, inverse = jnp.unique(rows, size=size, fill_value=num_rows, return_inverse=True)
-    # Padding ids sort last, so when ``size`` cuts the padding value off its gradients get segment ids >= size
-    # and segment_sum drops them.
-    summed = jax.ops.segment_sum(grads, inverse.reshape(-1), num_segments=size)
+    unique, inverse = unique_rows(rows, num_rows, size)
+    summed = jax.ops.segment_sum(grads, inverse, num_segments=size)  # drops inverse == size
     return unique, summed, unique < num_rows
 
 
@@ -69,7 +91,7 @@ class SparseSGD:
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class SparseAdagrad:
-    """Adagrad with one accumulator per table element (Keras/TF semantics).
+    """Adagrad with one accumulator per table element.
 
     ``acc += g^2; w -= lr * g / (sqrt(acc) + epsilon)``, accumulators start at ``initial_accumulator``.
     """
@@ -126,7 +148,9 @@ class SparseAdam:
         mu_hat = mu / (1 - self.b1**t)
         nu_hat = nu / (1 - self.b2**t)
         new = _gather(table, rows) - self.learning_rate * mu_hat / (jnp.sqrt(nu_hat) + self.epsilon)
-        return _scatter(table, rows, new), {"mu": _scatter(slots["mu"], rows, mu), "nu": _scatter(slots["nu"], rows, nu)}
+        new_slots = {"mu": _scatter(slots["mu"], rows, mu), "nu": _scatter(slots["nu"], rows, nu)}
+        return _scatter(table, rows, new), new_slots
 
 
-SparseOptimizer = Any  # any class above: init(table) -> slots; update(table, slots, rows, grads, step) -> (table, slots)
+# Any class above: init(table) -> slots; update(table, slots, rows, grads, step) -> (table, slots).
+SparseOptimizer = Any

@@ -5,7 +5,7 @@ float32 pooling) and of `kernels.oob` (out-of-range ids). Backends:
 
 - "auto" (default): `lax.platform_dependent` picks the Pallas TPU kernel when lowered for TPU, the Pallas
   Triton kernel for CUDA, and the XLA gather (the reference) elsewhere, e.g. CPU. The choice is made at
-  lowering time, so one jitted or exported function carries the right path for each platform. Tables whose
+  lowering time, so one jitted function takes the right path on whichever platform it is lowered for. Tables whose
   dtype the kernels do not support (anything but float32/bfloat16) always use XLA.
 - "tpu" | "gpu" | "xla": force one path; with `interpret=True` (or, for "tpu", `pltpu.InterpretParams(...)`)
   the kernels run in the Pallas interpreter on CPU.
@@ -14,6 +14,16 @@ Gradient (`jax.custom_vjp`): the table cotangent is a scatter-add of the output 
 were read (duplicates summed; "zero"-policy and zero-weight slots dropped). It is a dense [V, D] array because
 that is what `jax.grad` returns; `lookup_row_grads` gives the same gradient as (unique ids, summed rows) for
 sparse optimizers. Weights get their exact gradient too, computed only when they are being differentiated.
+
+Composition (jax 0.10.2):
+- Inside `jax.shard_map` (with `check_vma`) every backend runs and lowers; kernel outputs vary over the union of
+  their inputs' mesh axes (`kernels.vma`). Exception: the generic Pallas interpreter behind `backend="gpu",
+  interpret=True` fails JAX's vma check there; use `check_vma=False` for that debugging combination.
+- Lowering for one platform works everywhere ("auto" keeps only that platform's branch). Lowering for several
+  at once (`jax.export(..., platforms=("cpu", "cuda", "tpu"))`, jax2tf native serialization) fails with
+  "auto": `platform_dependent` lowers the kept kernel branches for every platform of the module, and Pallas has
+  no CPU lowering. Export with `backend="xla"` (or one platform per export); note also that `jax.export`
+  rejects Triton calls as unstable.
 """
 import dataclasses
 import functools

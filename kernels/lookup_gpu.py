@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from kernels.vma import varying_struct
+
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _ELEMENTS_PER_PROGRAM = 4096  # [rows, D] values per program: 32 per thread at 4 warps
 _NUM_WARPS = 4
@@ -105,7 +107,7 @@ def gather_rows_gpu(table: jax.Array, ids: jax.Array, *, interpret: bool = False
     ids = jnp.pad(ids.astype(jnp.int32), (0, padded - num_ids), constant_values=-1)
     out = pl.pallas_call(
         functools.partial(_gather_kernel, rows=rows, dim=dim),
-        out_shape=jax.ShapeDtypeStruct((padded, dim), table.dtype),
+        out_shape=varying_struct((padded, dim), table.dtype, table, ids),
         grid=(padded // rows,),
         in_specs=[pl.BlockSpec((rows,), lambda i: (i,)), pl.BlockSpec(memory_space=pl.ANY)],
         out_specs=pl.BlockSpec(memory_space=pl.ANY),
@@ -142,7 +144,7 @@ def pooled_rows_gpu(table: jax.Array, ids: jax.Array, weights: jax.Array, *, int
     weights = jnp.pad(weights.astype(jnp.float32), ((0, padded - num_subbags), (0, 0)))
     out = pl.pallas_call(
         functools.partial(_pooled_kernel, bags=bags, width=width, dim=dim),
-        out_shape=jax.ShapeDtypeStruct((padded, dim), jnp.float32),
+        out_shape=varying_struct((padded, dim), jnp.float32, table, ids, weights),
         grid=(padded // bags,),
         in_specs=[
             pl.BlockSpec((bags, width), lambda i: (i, 0)),

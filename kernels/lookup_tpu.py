@@ -24,11 +24,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels.vma import varying_struct
+
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 MAX_IDS_PER_CALL = 32768  # 128 KiB of int32 ids in SMEM per call
 _BLOCK_BYTES = 128 * 1024  # target bytes of rows per grid step (one of the two buffer slots)
 _MAX_ROWS_PER_STEP = 512
-_UNROLL = 8  # DMA-issue loop unrolling: the loop body is a few scalar ops and one DMA
+_UNROLL = 8  # DMA-issue loop unrolling on hardware: the loop body is a few scalar ops and one DMA
 
 
 Interpret = bool | pltpu.InterpretParams
@@ -37,6 +39,11 @@ Interpret = bool | pltpu.InterpretParams
 def _interpret_params(interpret: Interpret) -> pltpu.InterpretParams | bool:
     """Maps `True` to the TPU interpreter (which simulates DMAs and semaphores) and leaves other values alone."""
     return pltpu.InterpretParams() if interpret is True else interpret
+
+
+def _unroll(interpret: Interpret) -> int:
+    """The interpreter gains nothing from unrolling and compiles an unrolled kernel more slowly."""
+    return 1 if interpret else _UNROLL
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -60,6 +67,7 @@ def _double_buffered_steps(
     *,
     slots_per_step: int,
     destination: Callable[[jax.Array, jax.Array], object],
+    unroll: int,
 ) -> jax.Array:
     """Issues this step's row DMAs (prefetching the next step's) and waits for this step's; returns its slot.
 
@@ -70,6 +78,7 @@ def _double_buffered_steps(
       sems: [2] DMA semaphores, one per buffer slot (all DMAs of a slot signal the same one).
       slots_per_step: DMAs per grid step.
       destination: (buffer_slot, j) -> the [1, D] VMEM ref receiving the step's j-th row.
+      unroll: unrolling of the DMA-issue loop.
     """
     step = pl.program_id(0)
     buffer_slot = lax.rem(step, 2)
@@ -91,7 +100,7 @@ def _double_buffered_steps(
 
             return carry
 
-        lax.fori_loop(0, slots_per_step, issue, 0, unroll=min(_UNROLL, slots_per_step))
+        lax.fori_loop(0, slots_per_step, issue, 0, unroll=min(unroll, slots_per_step))
 
     @pl.when(step == 0)
     def _():
@@ -117,7 +126,7 @@ def _double_buffered_steps(
     return buffer_slot
 
 
-def _gather_kernel(ids_smem, table_hbm, out_ref, buffer, zero_row, sems, *, rows: int):
+def _gather_kernel(ids_smem, table_hbm, out_ref, buffer, zero_row, sems, *, rows: int, unroll: int):
     slot = _double_buffered_steps(
         ids_smem,
         table_hbm,
@@ -125,11 +134,12 @@ def _gather_kernel(ids_smem, table_hbm, out_ref, buffer, zero_row, sems, *, rows
         sems,
         slots_per_step=rows,
         destination=lambda s, j: buffer.at[s, pl.ds(j, 1)],
+        unroll=unroll,
     )
     out_ref[...] = buffer[slot]
 
 
-def _pooled_kernel(ids_smem, weights_ref, table_hbm, out_ref, buffer, sems, *, bags: int, width: int):
+def _pooled_kernel(ids_smem, weights_ref, table_hbm, out_ref, buffer, sems, *, bags: int, width: int, unroll: int):
     # buffer [2, W, bags, D]: slot l of every bag of the block is one contiguous (bags, D) tile, so pooling is
     # W full-tile multiply-adds with the weight column broadcast across lanes.
     slot = _double_buffered_steps(
@@ -140,6 +150,7 @@ def _pooled_kernel(ids_smem, weights_ref, table_hbm, out_ref, buffer, sems, *, b
         slots_per_step=bags * width,
         # lax.rem/div rather than %, //: non-negative j needs no floor correction (which Mosaic lowers via sign).
         destination=lambda s, j: buffer.at[s, lax.rem(j, width), pl.ds(lax.div(j, width), 1)],
+        unroll=unroll,
     )
     weights = weights_ref[...]
     acc = jnp.zeros(out_ref.shape, jnp.float32)
@@ -183,8 +194,8 @@ def gather_rows_tpu(
         chunk = padded[begin : begin + ids_per_call]
         outputs.append(
             pl.pallas_call(
-                functools.partial(_gather_kernel, rows=rows),
-                out_shape=jax.ShapeDtypeStruct((chunk.shape[0], dim), table.dtype),
+                functools.partial(_gather_kernel, rows=rows, unroll=_unroll(interpret)),
+                out_shape=varying_struct((chunk.shape[0], dim), table.dtype, table, chunk),
                 grid_spec=pltpu.PrefetchScalarGridSpec(
                     num_scalar_prefetch=1,
                     grid=(chunk.shape[0] // rows,),
@@ -245,8 +256,8 @@ def pooled_rows_tpu(
         chunk_bags = chunk_ids.shape[0]
         outputs.append(
             pl.pallas_call(
-                functools.partial(_pooled_kernel, bags=bags, width=width),
-                out_shape=jax.ShapeDtypeStruct((chunk_bags, dim), jnp.float32),
+                functools.partial(_pooled_kernel, bags=bags, width=width, unroll=_unroll(interpret)),
+                out_shape=varying_struct((chunk_bags, dim), jnp.float32, table, chunk_ids, weights),
                 grid_spec=pltpu.PrefetchScalarGridSpec(
                     num_scalar_prefetch=1,
                     grid=(chunk_bags // bags,),

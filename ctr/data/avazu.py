@@ -17,17 +17,19 @@ import functools
 import gzip
 import os
 import re
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import gin
 import numpy as np
-import tensorflow as tf
 
 from ctr.data import raw
 from ctr.data import rows as rows_lib
 from ctr.data import schema as schema_lib
 from ctr.data import text
 from ctr.data.fingerprint import fingerprint_spans, fingerprint_strings
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 NAME = "avazu"
 RAW_CATEGORICAL = (
@@ -40,7 +42,6 @@ NUM_COLUMNS = len(COLUMNS)
 TIME_FEATURES = ("hour", "weekday", "weekend")
 CATEGORICAL = RAW_CATEGORICAL + TIME_FEATURES
 TRAIN_ROWS = 40_428_967
-BARS_MIN_COUNT = 2
 _LAYOUT = f"{NUM_COLUMNS} comma-separated fields"
 _CLICK, _HOUR, _FIRST_CATEGORICAL = 1, 2, 3
 
@@ -83,12 +84,15 @@ def open_raw(
     processing: Processing,
     time_split: bool = False,
     threads: int = 2,
-    progress: raw.Progress | None = None,
+    emit: raw.Emit | None = None,
+    tmp_dir: str | None = None,
 ) -> raw.RawSource:
-    """Avazu's raw file as a stream of parsed rows (a row's ``day`` is its date as YYYYMMDD)."""
-    del processing, time_split  # nothing format-specific: the vocabulary is applied by prepare, days are dates
+    """Avazu's raw file as a stream of parsed rows (a row's ``day`` is its date as YYYYMMDD); progress goes to
+    ``emit``."""
+    del processing, time_split, tmp_dir  # the vocabulary is applied by prepare; days are dates; no temp files
     paths = input_files(raw_dir)
-    return raw.RawSource(feature_schema(), read(paths, accounting, threads, progress), raw.estimate_lines(paths, 1), NAME)
+    rows = read(paths, accounting, threads, raw.progress_for(NAME, paths, emit))
+    return raw.RawSource(feature_schema(), rows, raw.estimate_lines(paths, 1), NAME)
 
 
 def read(
@@ -126,9 +130,10 @@ def parse_block(block: raw.Block) -> tuple[rows_lib.Rows, list[raw.Rejection]]:
     weekday = (days_from_civil(2000 + yy, mm, dd) + 3) % 7  # 1970-01-01 was a Thursday (3)
     weekday_ids, weekend_ids = _time_tables()
     ids = np.empty((len(starts), len(CATEGORICAL)), np.int64)
-    ids[:, : len(RAW_CATEGORICAL)] = fingerprint_spans(RAW_CATEGORICAL, words, starts[:, _FIRST_CATEGORICAL:], ends[:, _FIRST_CATEGORICAL:])
-    hour_of_day = starts[:, _HOUR] + 6  # the raw "HH" characters
-    ids[:, len(RAW_CATEGORICAL)] = fingerprint_spans(["hour"], words, hour_of_day[:, None], hour_of_day[:, None] + 2)[:, 0]
+    first = _FIRST_CATEGORICAL
+    ids[:, : len(RAW_CATEGORICAL)] = fingerprint_spans(RAW_CATEGORICAL, words, starts[:, first:], ends[:, first:])
+    hour_of_day = starts[:, _HOUR, None] + 6  # the raw "HH" characters
+    ids[:, len(RAW_CATEGORICAL)] = fingerprint_spans(["hour"], words, hour_of_day, hour_of_day + 2)[:, 0]
     ids[:, len(RAW_CATEGORICAL) + 1] = weekday_ids[weekday]
     ids[:, len(RAW_CATEGORICAL) + 2] = weekend_ids[(weekday >= 5).astype(np.int64)]
     rows = rows_lib.Rows(
@@ -166,6 +171,8 @@ def _time_tables() -> tuple[np.ndarray, np.ndarray]:
 def time_features_tf(hour: tf.Tensor) -> dict[str, tf.Tensor]:
     """The raw strings of the ``hour``, ``weekday`` and ``weekend`` features from raw ``YYMMDDHH`` strings
     (serving; ``fingerprint(name, ...)`` of each gives the ids prepare wrote)."""
+    import tensorflow as tf  # serving-side; the reader is numpy only
+
     value = tf.strings.to_number(hour, tf.int64)
     yy, mm, dd = value // 1_000_000, value // 10_000 % 100, value // 100 % 100
     weekday = (days_from_civil(2000 + yy, mm, dd) + 3) % 7

@@ -19,11 +19,10 @@ import functools
 import gzip
 import os
 import re
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import gin
 import numpy as np
-import tensorflow as tf
 
 from ctr.data import raw
 from ctr.data import rows as rows_lib
@@ -32,6 +31,9 @@ from ctr.data import text
 from ctr.data.fingerprint import fingerprint_spans, fingerprint_strings
 from ctr.data.raw import ParseError  # noqa: F401  (part of this module's interface)
 
+if TYPE_CHECKING:
+    import tensorflow as tf
+
 NAME = "criteo"
 INT_FIELDS = tuple(f"I{i}" for i in range(1, 14))
 CAT_FIELDS = tuple(f"C{i}" for i in range(1, 27))
@@ -39,7 +41,6 @@ COLUMNS = ("label",) + INT_FIELDS + CAT_FIELDS
 NUM_COLUMNS = len(COLUMNS)
 KAGGLE_TRAIN_ROWS = 45_840_617  # train.txt, 7 days in time order
 KAGGLE_DAYS = 7
-BARS_MIN_COUNT = 10
 _LAYOUT = f"{NUM_COLUMNS} tab-separated fields"
 # BARS buckets of x > 2 are floor(ln(x)^2) <= floor(ln(2**63)^2) = 1907; x <= 2 is its own bucket. Ids of the
 # buckets in [_BUCKET_LOW, _BUCKET_HIGH] come from a table; anything else (x < -1024) is hashed directly.
@@ -89,18 +90,21 @@ def open_raw(
     processing: Processing,
     time_split: bool = False,
     threads: int = 2,
-    progress: raw.Progress | None = None,
+    emit: raw.Emit | None = None,
+    tmp_dir: str | None = None,
 ) -> raw.RawSource:
     """Criteo's raw files as a stream of parsed rows.
 
     The ``day`` of a row is its file's index for the 1TB ``day_k`` files. For the single Kaggle file it is
     ``(line - 1) // ceil(lines / 7)`` (the file holds 7 days in time order without timestamps); counting the
-    lines costs an extra streaming pass, made only when ``time_split`` needs days.
+    lines costs an extra streaming pass, made only when ``time_split`` needs days. Progress goes to ``emit``.
     """
     paths = input_files(raw_dir)
     lines_per_day = None
     if time_split and len(paths) == 1:
         lines_per_day = -(-raw.count_lines(paths[0]) // KAGGLE_DAYS)
+    del tmp_dir  # streams straight through
+    progress = raw.progress_for(NAME, paths, emit)
     rows = read(paths, accounting, processing.int_buckets, threads, lines_per_day, progress)
     return raw.RawSource(feature_schema(processing.int_buckets), rows, raw.estimate_lines(paths), NAME)
 
@@ -208,6 +212,8 @@ def int_bucket_values(ints: np.ndarray) -> np.ndarray:
 def int_bucket_strings_tf(ints: tf.Tensor, present: tf.Tensor) -> tf.Tensor:
     """The raw string of each ``I<k>_bucket`` value in TensorFlow (for serving): the bucket in decimal, or the
     empty string where the integer is missing. ``fingerprint(bucket_field(f), ...)`` of it is the id."""
+    import tensorflow as tf  # serving-side; the readers are numpy only
+
     xf = tf.cast(ints, tf.float64)
     bucket = tf.where(ints > 2, tf.floor(tf.math.log(tf.maximum(xf, 1.0)) ** 2), xf)
     return tf.where(present, tf.strings.as_string(tf.cast(bucket, tf.int64)), "")
@@ -223,7 +229,8 @@ def bucket_ids(ints: np.ndarray, present: np.ndarray) -> np.ndarray:
     for j in range(len(INT_FIELDS)):
         ids[:, j] = table[j][column[:, j]]
     for row, j in zip(*np.nonzero(present & ~in_table)):
-        ids[row, j] = fingerprint_strings(bucket_field(INT_FIELDS[j]), [str(int_bucket_values(ints[row, j]))])[0]
+        bucket = str(int(int_bucket_values(ints[row, j])))
+        ids[row, j] = fingerprint_strings(bucket_field(INT_FIELDS[j]), [bucket])[0]
     return ids
 
 
@@ -291,6 +298,8 @@ def write_synthetic(path: str, num_rows: int, seed: int = 0, chunk_rows: int = 2
 
 def _format_rows(label, ints, int_present, idx, vocab, salt) -> str:
     """Formats generated rows as raw TSV text, through TensorFlow's vectorised string ops."""
+    import tensorflow as tf  # only the generator needs it
+
     hexes = (idx * 2654435761 + salt) & 0xFFFFFFFF
     cats = tf.where(idx < vocab, _hex(hexes), "")
     int_text = tf.where(int_present, tf.strings.as_string(ints), "")
@@ -301,6 +310,8 @@ def _format_rows(label, ints, int_present, idx, vocab, salt) -> str:
 
 def _hex(values: np.ndarray) -> tf.Tensor:
     """8-digit lower-case hex of uint32 values (vectorised: 8 nibble lookups)."""
+    import tensorflow as tf
+
     digits = np.frombuffer(b"0123456789abcdef", np.uint8)
     nibbles = (values[..., None] >> np.arange(28, -1, -4)) & 0xF
     chars = digits[nibbles]  # [..., 8] uint8

@@ -12,16 +12,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 from typing import Iterator
 
 import gin
 import numpy as np
 
-from ctr.data import criteo
+from ctr.data import avazu, criteo, raw, splits, taobao
+from ctr.data import rows as rows_lib
 from ctr.data import schema as schema_lib
+from ctr.data.splits import TEST, TRAIN, VALID
 
 Batch = dict[str, np.ndarray]
-TRAIN, VALID, TEST = "train", "valid", "test"
 
 
 @dataclasses.dataclass
@@ -35,12 +37,7 @@ class Dataset:
         return len(self.splits[split][schema_lib.LABEL])
 
     def steps_per_epoch(self, global_batch: int) -> int:
-        steps = self.num_rows(TRAIN) // global_batch
-        if steps == 0:
-            raise ValueError(
-                f"train split has {self.num_rows(TRAIN)} rows, fewer than one global batch of {global_batch}"
-            )
-        return steps
+        return steps_per_epoch(self.num_rows(TRAIN), global_batch)
 
     def train_batches(
         self,
@@ -61,21 +58,9 @@ class Dataset:
         Yields:
           Host batches of ``global_batch // process_count`` rows.
         """
-        if global_batch % process_count:
-            raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
-        local = global_batch // process_count
-        steps = self.steps_per_epoch(global_batch)
         data = self.splits[TRAIN]
-        step = start_step
-        while True:
-            epoch, index = divmod(step, steps)
-            order = _epoch_order(self.num_rows(TRAIN), seed, epoch)
-            while index < steps:
-                begin = index * global_batch + process_index * local
-                rows = order[begin : begin + local]
-                yield {key: value[rows] for key, value in data.items()}
-                index += 1
-                step += 1
+        for rows in train_rows(self.num_rows(TRAIN), global_batch, start_step, seed, process_index, process_count):
+            yield {key: value[rows] for key, value in data.items()}
 
     def eval_batches(self, split: str, batch_size: int, process_index: int = 0, process_count: int = 1):
         """The whole ``split`` in order, as (host batch, number of real rows) pairs.
@@ -84,17 +69,73 @@ class Dataset:
         serves them all; the last one is padded by repeating row 0 and the count says how many rows are real.
         """
         data = self.splits[split]
-        n = self.num_rows(split)
-        local = batch_size // process_count
-        for begin in range(0, n, batch_size):
-            rows = np.arange(begin + process_index * local, begin + (process_index + 1) * local)
-            real = int(np.clip(n - rows[0], 0, local))
-            rows = np.where(rows < n, rows, 0)
+        for rows, real in eval_rows(self.num_rows(split), batch_size, process_index, process_count):
             yield {key: value[rows] for key, value in data.items()}, real
 
 
-def _epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+def steps_per_epoch(num_rows: int, global_batch: int) -> int:
+    steps = num_rows // global_batch
+    if steps == 0:
+        raise ValueError(f"train split has {num_rows} rows, fewer than one global batch of {global_batch}")
+    return steps
+
+
+def train_rows(
+    num_rows: int,
+    global_batch: int,
+    start_step: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    block_rows: int = 1,
+) -> Iterator[np.ndarray]:
+    """The train-split rows of this host's part of every global batch from ``start_step`` on, forever.
+
+    Epoch ``e`` visits the rows in :func:`epoch_order` ``(num_rows, seed, e, block_rows)``; global batch ``b``
+    of an epoch is positions ``[b*B, (b+1)*B)`` of that order (the last partial batch is dropped) and host
+    ``p`` takes its contiguous ``B / process_count`` slice. A pure function of (seed, step): resuming at a
+    step reproduces the uninterrupted run.
+    """
+    if global_batch % process_count:
+        raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
+    local = global_batch // process_count
+    steps = steps_per_epoch(num_rows, global_batch)
+    step = start_step
+    while True:
+        epoch, index = divmod(step, steps)
+        order = epoch_order(num_rows, seed, epoch, block_rows)
+        while index < steps:
+            begin = index * global_batch + process_index * local
+            yield order[begin : begin + local]
+            index += 1
+            step += 1
+
+
+def eval_rows(
+    num_rows: int, batch_size: int, process_index: int = 0, process_count: int = 1
+) -> Iterator[tuple[np.ndarray, int]]:
+    """(rows, number of real rows) of this host's part of each eval batch over a whole split, in order; the
+    last batch is padded with row 0."""
+    local = batch_size // process_count
+    for begin in range(0, num_rows, batch_size):
+        rows = np.arange(begin + process_index * local, begin + (process_index + 1) * local)
+        real = int(np.clip(num_rows - rows[0], 0, local))
+        yield np.where(rows < num_rows, rows, 0), real
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int, block_rows: int = 1) -> np.ndarray:
+    """The row order of one epoch: a permutation drawn from (seed, epoch).
+
+    With ``block_rows > 1`` it permutes blocks of ``block_rows`` consecutive rows instead (rows within a
+    block stay together and in order): a prepared split is already shuffled once, so this keeps batches
+    random while reading contiguous runs.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    if block_rows == 1:
+        return rng.permutation(num_rows)
+    blocks = rng.permutation(-(-num_rows // block_rows))
+    order = (blocks[:, None] * block_rows + np.arange(block_rows)).reshape(-1)
+    return order[order < num_rows]
 
 
 def split_random(batch: Batch, fractions: tuple[float, float, float], seed: int) -> dict[str, Batch]:
@@ -123,34 +164,69 @@ def synthetic_criteo(
     and split at random 8:1:1.
 
     Args:
-      data_dir: directory for the generated ``train.txt`` (relative paths are taken from the run directory).
+      data_dir: directory for the generated file (relative paths are taken from the run directory).
       num_rows: rows to generate.
       seed: generator and split seed.
       int_buckets: also use the integer columns as bucketised categorical features.
       split_fractions: train/valid/test fractions.
     """
+    name = f"criteo_synthetic_{num_rows}_{seed}.txt"
+    path = _generated(data_dir, name, lambda p: criteo.write_synthetic(p, num_rows, seed))
+    rows = rows_lib.Rows.concat(list(criteo.read([path], raw.RowAccounting(), int_buckets=int_buckets)))
+    schema = criteo.feature_schema(int_buckets=int_buckets)
+    return Dataset(schema=schema, splits=split_random(rows_lib.to_batch(schema, rows.arrays()), split_fractions, seed))
+
+
+@gin.configurable
+def synthetic_avazu(
+    data_dir: str = gin.REQUIRED,
+    num_rows: int = 400_000,
+    seed: int = 0,
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+) -> Dataset:
+    """Synthetic data in the raw Avazu layout (:func:`ctr.data.avazu.write_synthetic`), generated once into
+    ``data_dir``, parsed by the real Avazu parser and split at random 8:1:1."""
+    name = f"avazu_synthetic_{num_rows}_{seed}.csv"
+    path = _generated(data_dir, name, lambda p: avazu.write_synthetic(p, num_rows, seed))
+    rows = rows_lib.Rows.concat(list(avazu.read([path], raw.RowAccounting())))
+    schema = avazu.feature_schema()
+    return Dataset(schema=schema, splits=split_random(rows_lib.to_batch(schema, rows.arrays()), split_fractions, seed))
+
+
+@gin.configurable
+def synthetic_taobao(
+    data_dir: str = gin.REQUIRED,
+    num_users: int = 5_000,
+    impressions_per_user: float = 20.0,
+    seed: int = 0,
+    max_len: int = taobao.MAX_LEN,
+) -> Dataset:
+    """Synthetic data in the four raw TaobaoAds files (:func:`ctr.data.taobao.write_synthetic`: clicks depend
+    on the behaviour sequences), generated once into ``data_dir``, joined by the real reader and split by day
+    as TaobaoAds is: 2017-05-13 is test, and valid is the test day (the BARS protocol)."""
+    raw_dir = _generated(
+        data_dir, f"taobao_synthetic_{num_users}_{seed}",
+        lambda p: taobao.write_synthetic(p, num_users, impressions_per_user, seed),
+    )  # fmt: skip
+    source = taobao.open_raw(raw_dir, raw.RowAccounting(), taobao.Processing(max_len=max_len))
+    rows = rows_lib.Rows.concat(list(source.rows))
+    split = splits.assign(splits.SplitSpec("time", valid="test"), rows.day, np.arange(len(rows)), seed, taobao.TEST_DAY)
+    parts = {
+        name: rows_lib.to_batch(source.schema, rows.take(split == i).arrays()) for i, name in enumerate(splits.NAMES)
+    }
+    parts[VALID] = parts[TEST]
+    return Dataset(schema=source.schema, splits=parts)
+
+
+def _generated(data_dir: str, name: str, write) -> str:
+    """``data_dir/name``, written by ``write(path)`` unless present (atomically, so a crash leaves nothing)."""
     os.makedirs(data_dir, exist_ok=True)
-    path = os.path.join(data_dir, f"criteo_synthetic_{num_rows}_{seed}.txt")
+    path = os.path.join(data_dir, name)
     if not os.path.exists(path):
-        logging.info("generating %d synthetic Criteo rows into %s", num_rows, path)
-        tmp = path + ".partial"
-        criteo.write_synthetic(tmp, num_rows, seed=seed)
+        logging.info("generating %s", path)
+        tmp = f"{path}.partial{os.getpid()}"  # hosts sharing a filesystem may generate at once
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        write(tmp)
         os.replace(tmp, path)
-    return Dataset(
-        schema=criteo.feature_schema(int_buckets=int_buckets),
-        splits=split_random(read_criteo_file(path, int_buckets=int_buckets), split_fractions, seed),
-    )
-
-
-def read_criteo_file(path: str, int_buckets: bool = False, lines_per_chunk: int = 262_144) -> Batch:
-    """Parses a whole raw Criteo file into one host batch (chunked, so memory stays ~2x the result)."""
-    import tensorflow as tf  # heavy import, only where raw files are parsed
-
-    parts = []
-    line_no = 1
-    for chunk in tf.data.TextLineDataset(path).batch(lines_per_chunk):
-        parts.append(criteo.parse_lines(chunk, source=path, first_line=line_no, int_buckets=int_buckets))
-        line_no += int(chunk.shape[0])
-    if not parts:
-        raise ValueError(f"{path}: empty file")
-    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    return path

@@ -12,17 +12,20 @@ Two implementations of the one definition:
 - :func:`fingerprint_spans` / :func:`fingerprint_strings`: numpy, for the raw-file readers. TensorFlow spends
   ~100 ns creating each string tensor element, which alone caps a Criteo parse at ~0.3M rows/s on one core;
   this version hashes values where they lie in the raw block (FarmHash ``farmhashna::Hash64`` for inputs of
-  up to 64 bytes, vectorised over all values of a field that have the same length; longer inputs, which no
-  supported dataset has, go through TensorFlow). Tests check it against :func:`fingerprint`.
+  up to 64 bytes, vectorised over all values whose field names and values have the same lengths; longer
+  inputs, which no supported dataset has, go through TensorFlow). Tests check it against :func:`fingerprint`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import tensorflow as tf
 
 from ctr.data.text import Words
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 SEPARATOR = "\x1f"
 ID_SPACE = 2**63 - 1
@@ -30,12 +33,12 @@ ID_SPACE = 2**63 - 1
 
 def fingerprint(field: str, values: tf.Tensor) -> tf.Tensor:
     """Ids for raw string ``values`` (any shape) of ``field``: int64, same shape, in ``[0, 2**63 - 1)``."""
+    import tensorflow as tf  # the numpy path below serves the readers and the input pipeline without TF
+
     return tf.strings.to_hash_bucket_fast(tf.add(field + SEPARATOR, values), ID_SPACE)
 
 
-def fingerprint_spans(
-    fields: Sequence[str], words: Words, starts: np.ndarray, ends: np.ndarray
-) -> np.ndarray:
+def fingerprint_spans(fields: Sequence[str], words: Words, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Ids of the values lying in byte spans of a raw block, equal to ``fingerprint(fields[j], values)``.
 
     Args:
@@ -53,32 +56,36 @@ def fingerprint_spans(
     for j, prefix in enumerate(prefixes):
         by_prefix_len.setdefault(len(prefix), []).append(j)
     # One group per (prefix length, value length): a handful per block, each hashed with whole-array ops.
-    n = len(starts)
     for p, cols in by_prefix_len.items():
-        # Column-major copies, so every group below is a 1-D gather.
-        col_starts = starts[:, cols].T.ravel()
-        col_lengths = lengths[:, cols].T.ravel()
-        col_ids = np.empty(len(col_starts), np.int64)
+        # Row-major, so consecutive values of a group lie close together in the block (cache-friendly); a slice
+        # when the columns are adjacent (cheaper than a fancy-index copy).
+        selected = slice(cols[0], cols[-1] + 1) if cols[-1] - cols[0] == len(cols) - 1 else cols
+        sub_starts = starts[:, selected].ravel()
+        sub_lengths = lengths[:, selected].ravel()
+        sub_ids = np.empty(len(sub_starts), np.int64)
         table = _prefix_words([prefixes[j] for j in cols])
-        present = np.bincount(col_lengths)
+        present = np.bincount(sub_lengths)
         for value_len in np.flatnonzero(present):
-            where = np.flatnonzero(col_lengths == value_len) if present[value_len] < len(col_starts) else None
-            group_starts = col_starts if where is None else col_starts[where]
-            # The group's values come column after column: runs[k] of them belong to cols[k].
-            if where is None:
-                runs = np.full(len(cols), n)
-            else:
-                runs = np.diff(np.searchsorted(where, np.arange(len(cols) + 1) * n))
-            if p + value_len > _MAX_FAST_LEN:
-                names = np.repeat(np.asarray([fields[j] for j in cols], dtype=object), runs)
+            where = np.flatnonzero(sub_lengths == value_len) if present[value_len] < len(sub_starts) else None
+            group_starts = sub_starts if where is None else sub_starts[where]
+            # Each value's column among ``cols`` (None for one column: its constants broadcast).
+            which = None
+            if len(cols) > 1:
+                which = (np.arange(len(sub_starts)) if where is None else where) % len(cols)
+            if value_len == 0:  # missing values: one id per field (Criteo has many)
+                empty = np.array([_empty_id(fields[j]) for j in cols], np.int64)
+                ids = empty[which] if which is not None else np.full(len(group_starts), empty[0])
+            elif p + value_len > _MAX_FAST_LEN:
+                names = np.asarray([fields[j] for j in cols], dtype=object)[which if which is not None else 0]
+                names = np.broadcast_to(names, group_starts.shape)
                 ids = _fingerprint_tf(names, words.data, group_starts, int(value_len))
             else:
-                ids = _Group(table, runs, p, int(value_len), group_starts, words).hash()
+                ids = _Group(table, which, p, int(value_len), group_starts, words).hash()
             if where is None:
-                col_ids[:] = ids
+                sub_ids[:] = ids
             else:
-                col_ids[where] = ids
-        out[:, cols] = col_ids.reshape(len(cols), n).T
+                sub_ids[where] = ids
+        out[:, selected] = sub_ids.reshape(len(starts), len(cols))
     return out
 
 
@@ -89,15 +96,6 @@ def fingerprint_strings(field: str, values: Sequence[bytes | str] | np.ndarray) 
     ends = np.cumsum(lengths)
     data = np.frombuffer(b"".join(encoded), np.uint8)
     return fingerprint_spans([field], Words(data), (ends - lengths)[:, None], ends[:, None])[:, 0]
-
-
-def fingerprint_ints(field: str, values: np.ndarray) -> np.ndarray:
-    """Ids of integer values written in decimal (e.g. a TaobaoAds ``cate_id``): ``values.shape`` int64.
-
-    Hashes each distinct value once, so it is cheap for the long repetitive arrays of behaviour logs.
-    """
-    unique, inverse = np.unique(values, return_inverse=True)
-    return fingerprint_strings(field, [str(v) for v in unique.tolist()])[inverse].reshape(np.shape(values))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,15 +139,17 @@ class _Group:
     ``n``, so every 8-byte fetch of ``s`` is a prefix constant, a word of the block, or a prefix constant OR-ed
     with a shifted block word, all at scalar offsets: plain whole-array arithmetic, no per-element branches."""
 
-    def __init__(self, table: np.ndarray, runs: np.ndarray, p: int, value_len: int, starts: np.ndarray, words: Words):
+    def __init__(
+        self, table: np.ndarray, which: np.ndarray | None, p: int, value_len: int, starts: np.ndarray, words: Words
+    ):
         self.p, self.n = p, p + value_len
-        self.table, self.runs, self.starts, self.words = table, runs, starts, words
+        self.table, self.which, self.starts, self.words = table, which, starts, words
         self._block_words: dict[int, np.ndarray] = {}
 
     def _prefix_word(self, offset: int) -> np.ndarray:
-        if len(self.table) == 1:  # one field: a [1]-shaped constant broadcasts
+        if self.which is None:  # one field: a [1]-shaped constant broadcasts
             return self.table[:, offset]
-        return np.repeat(self.table[:, offset], self.runs)
+        return np.take(self.table[:, offset], self.which)
 
     def _block_word(self, delta: int) -> np.ndarray:
         if delta not in self._block_words:
@@ -207,8 +207,20 @@ class _Group:
         return np.broadcast_to(result, self.starts.shape)
 
 
+@functools.lru_cache(maxsize=None)
+def _empty_id(field: str) -> int:
+    """The id of the empty string (a missing value) in ``field``."""
+    prefix = (field + SEPARATOR).encode()
+    if len(prefix) > _MAX_FAST_LEN:
+        return int(_fingerprint_tf(np.array([field], dtype=object), np.zeros(1, np.uint8), np.zeros(1, np.int64), 0)[0])
+    group = _Group(_prefix_words([prefix]), None, len(prefix), 0, np.zeros(1, np.int64), Words(np.zeros(1, np.uint8)))
+    return int(group.hash()[0])
+
+
 def _fingerprint_tf(fields: np.ndarray, data: np.ndarray, starts: np.ndarray, value_len: int) -> np.ndarray:
     """The TensorFlow path for strings over 64 bytes: ``fields[i]`` is the field of the value at ``starts[i]``."""
+    import tensorflow as tf
+
     values = tf.constant([data[s : s + value_len].tobytes() for s in starts.tolist()], tf.string)
     names = tf.constant(fields.tolist(), tf.string)
     return tf.strings.to_hash_bucket_fast(tf.strings.join([names, values], separator=SEPARATOR), ID_SPACE).numpy()

@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
+from ctr.data import allocator
 from ctr.data import rows as rows_lib
 from ctr.data import schema as schema_lib
 from ctr.data import text
@@ -34,6 +35,7 @@ DEFAULT_BLOCK_BYTES = 1 << 20  # ~4k Criteo rows: big enough to amortise numpy c
 _GZIP_MAGIC = b"\x1f\x8b"
 _MAX_LINE_BYTES = 64 << 20
 _MAX_EXAMPLES = 20
+NEWLINE = 10
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -82,7 +84,7 @@ def read_header(path: str) -> list[str]:
     """The comma-separated names on the first line of a CSV file, stripped of surrounding whitespace."""
     check_inputs([path])
     for block in read_blocks(path, block_bytes=1 << 16, skip_lines=0, require_rows=True):
-        first = block.data[: int(np.argmax(block.data == 10))].tobytes().decode("utf-8", "replace")
+        first = block.data[: int(np.argmax(block.data == NEWLINE))].tobytes().decode("utf-8", "replace")
         return [name.strip() for name in first.rstrip("\r").split(",")]
     raise AssertionError("unreachable: read_blocks raises on a file without lines")
 
@@ -91,6 +93,10 @@ def read_blocks(
     path: str, block_bytes: int = DEFAULT_BLOCK_BYTES, skip_lines: int = 0, require_rows: bool = True
 ) -> Iterator[Block]:
     """Blocks of whole lines of ``path`` (plain or gzip), after its first ``skip_lines`` lines (a header).
+
+    Each block is read straight into a fresh numpy buffer behind the carried partial line (one copy of the
+    data, no Python ``bytes`` concatenation): this loop runs on the main thread while blocks are parsed on
+    others, so it must stay cheap.
 
     Raises:
       ParseError: the file is missing or empty, has no data lines after the header (``require_rows``), holds a
@@ -101,40 +107,55 @@ def read_blocks(
     compressed = is_gzip(path)
     with open(path, "rb") as raw:
         stream = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
-        carry = b""
+        carry = np.zeros(0, np.uint8)
         to_skip = skip_lines
         emitted = False
         while True:
+            buf = np.empty(len(carry) + block_bytes, np.uint8)
+            buf[: len(carry)] = carry
             try:
-                chunk = stream.read(block_bytes)
+                got = stream.readinto(memoryview(buf)[len(carry) :])
             except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
                 raise ParseError(f"{path}:{line}: corrupt or truncated gzip stream ({e})") from e
-            if not chunk:
+            if not got:
                 break
-            buf = carry + chunk
-            cut = buf.rfind(b"\n") + 1
+            total = len(carry) + got
+            cut = _after_last_newline(buf, total)
             if cut == 0:
-                if len(buf) > _MAX_LINE_BYTES:
+                if total > _MAX_LINE_BYTES:
                     raise ParseError(f"{path}:{line}: line longer than {_MAX_LINE_BYTES} bytes")
-                carry = buf
+                carry = buf[:total]
                 continue
-            carry, whole = buf[cut:], buf[:cut]
-            while to_skip and whole:
-                end = whole.find(b"\n") + 1
+            carry, whole = buf[cut:total].copy(), buf[:cut]
+            while to_skip and len(whole):
+                end = int(np.argmax(whole == NEWLINE)) + 1
                 whole, to_skip, line = whole[end:], to_skip - 1, line + 1
-            if whole:
-                num_lines = whole.count(b"\n")
-                yield Block(path, np.frombuffer(whole, np.uint8), line, num_lines, False, raw.tell())
+            if len(whole):
+                num_lines = int(np.count_nonzero(whole == NEWLINE))
+                yield Block(path, whole, line, num_lines, False, raw.tell())
                 emitted = True
                 line += num_lines
-        if carry and to_skip == 0:
-            yield Block(path, np.frombuffer(carry + b"\n", np.uint8), line, 1, True, raw.tell())
+        if len(carry) and to_skip == 0:
+            yield Block(path, np.append(carry, np.uint8(NEWLINE)), line, 1, True, raw.tell())
             emitted = True
-        elif carry:
+        elif len(carry):
             to_skip -= 1
     if require_rows and not emitted:
         what = "empty file" if skip_lines == 0 or to_skip else "no data rows after the header"
         raise ParseError(f"{path}: {what}")
+
+
+def _after_last_newline(buf: np.ndarray, total: int) -> int:
+    """1 + the index of the last newline in ``buf[:total]``, or 0; searches backwards in growing windows."""
+    window = 4096
+    while True:
+        lo = max(0, total - window)
+        found = np.flatnonzero(buf[lo:total] == NEWLINE)
+        if len(found):
+            return lo + int(found[-1]) + 1
+        if lo == 0:
+            return 0
+        window *= 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,126 +233,6 @@ class RowAccounting:
         return "\n".join(lines)
 
 
-class Progress:
-    """Logs rows done, rows/s and (when the input size is known) bytes done and ETA, every few seconds."""
-
-    def __init__(self, label: str, total_bytes: int | None, every_s: float = 5.0, emit: Callable[[str], None] | None = None):
-        self.label, self.total_bytes, self.every_s = label, total_bytes, every_s
-        self.emit = emit or logging.info
-        self.rows = 0
-        self.start = self._last = time.monotonic()
-
-    def update(self, rows: int, bytes_done: int | None = None) -> None:
-        self.rows += rows
-        now = time.monotonic()
-        if now - self._last >= self.every_s:
-            self._last = now
-            self.emit(self._line(now, bytes_done))
-
-    def done(self) -> None:
-        self.emit(self._line(time.monotonic(), self.total_bytes) + " (done)")
-
-    def _line(self, now: float, bytes_done: int | None) -> str:
-        elapsed = max(now - self.start, 1e-9)
-        text = f"{self.label}: {self.rows:,} rows, {self.rows / elapsed:,.0f} rows/s, {_duration(elapsed)} elapsed"
-        if self.total_bytes and bytes_done:
-            frac = min(bytes_done / self.total_bytes, 1.0)
-            eta = elapsed * (1 - frac) / max(frac, 1e-9)
-            text += f", {frac:.1%} of {self.total_bytes / 2**20:,.0f} MiB, ETA {_duration(eta)}"
-        return text
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else (
-        f"{seconds // 60}m{seconds % 60:02d}s"
-    )
-
-
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int = 2) -> Iterator[R]:
-    """``map(fn, items)`` on ``threads`` worker threads, in input order, with at most ``2 * threads`` items in
-    flight (so memory stays bounded). numpy releases the GIL inside its array loops, which is where the
-    parsers spend their time, so two threads use two cores."""
-    if threads <= 1:
-        yield from map(fn, items)
-        return
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        pending: collections.deque[concurrent.futures.Future[R]] = collections.deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= 2 * threads:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-def truncation_rejection(block: Block) -> Rejection:
-    """The bad row a truncated file's last line (no newline) becomes."""
-    return Rejection(block.first_line + block.num_lines - 1, "truncated_last_line", "*",
-                     "last line has no newline: truncated file?")
-
-
-@dataclasses.dataclass
-class RawSource:
-    """A dataset's raw files opened for one streaming pass (what prepare and the synthetic datasets read).
-
-    Attributes:
-      schema: the batch schema of the rows.
-      rows: parsed rows, in input order, chunk by chunk; bad rows already reported to the accounting.
-      estimated_rows: about how many rows to expect (sizes the prepare step's shuffle buckets).
-      main_input: the accounting input whose rows become examples (read = written + rejected).
-    """
-
-    schema: schema_lib.FeatureSchema
-    rows: Iterator[rows_lib.Rows]
-    estimated_rows: int
-    main_input: str
-
-
-def stream_rows(
-    paths: list[str],
-    parse: Callable[[Block], tuple[R, list[Rejection]]],
-    accounting: RowAccounting,
-    input_name: str,
-    threads: int = 2,
-    skip_lines: int = 0,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
-    progress: Progress | None = None,
-) -> Iterator[R]:
-    """``parse`` of every block of ``paths``, in order (``parse`` runs on ``threads`` threads).
-
-    Reports every block's lines and bad rows to ``accounting`` (in file order, so the first bad row of the
-    input is the one an error names) and, per parsed result (anything with a length: its rows), progress in
-    bytes of all ``paths`` together.
-    """
-    check_inputs(paths)
-    offsets = dict(zip(paths, np.cumsum([0] + [os.path.getsize(p) for p in paths])[:-1].tolist()))
-
-    def blocks() -> Iterator[Block]:
-        for path in paths:
-            yield from read_blocks(path, block_bytes, skip_lines)
-
-    for block, (parsed, rejections) in ordered_map(lambda b: (b, parse(b)), blocks(), threads):
-        accounting.read(input_name, block.num_lines)
-        accounting.reject(input_name, block.source, rejections)
-        if progress is not None:
-            progress.update(len(parsed), offsets[block.source] + block.file_bytes_done)
-        yield parsed
-
-
-def estimate_lines(paths: list[str], skip_lines: int = 0) -> int:
-    """About how many lines ``paths`` hold, from the line density of the first 4 MiB of the first file."""
-    for block in read_blocks(paths[0], 4 << 20, skip_lines):
-        per_byte = block.num_lines / max(block.file_bytes_done, 1)
-        return max(1, int(per_byte * sum(os.path.getsize(p) for p in paths)))
-    return 1
-
-
-def count_lines(path: str) -> int:
-    """Lines of a raw file (plain or gzip), streaming."""
-    return sum(block.num_lines for block in read_blocks(path, 16 << 20, require_rows=False))
-
-
 Check = tuple[np.ndarray, str, str, Callable[[int], str]]
 
 
@@ -368,3 +269,131 @@ def block_rejections(
         if len(spans.line_index) and spans.line_index[-1] == last:
             keep[-1] = False
     return keep, [found[i] for i in sorted(found)]
+
+
+def truncation_rejection(block: Block) -> Rejection:
+    """The bad row a truncated file's last line (no newline) becomes."""
+    line = block.first_line + block.num_lines - 1
+    return Rejection(line, "truncated_last_line", "*", "last line has no newline: truncated file?")
+
+
+Emit = Callable[[str], None]
+
+
+def progress_for(label: str, paths: list[str], emit: Emit | None) -> "Progress | None":
+    """A progress reporter over the bytes of ``paths``, or None when there is nowhere to report to."""
+    return Progress(label, sum(os.path.getsize(p) for p in paths), emit) if emit else None
+
+
+class Progress:
+    """Logs rows done, rows/s and (when the input size is known) bytes done and ETA, every few seconds."""
+
+    def __init__(self, label: str, total_bytes: int | None, emit: Emit, every_s: float = 5.0):
+        self.label, self.total_bytes, self.every_s, self.emit = label, total_bytes, every_s, emit
+        self.rows = 0
+        self.start = self._last = time.monotonic()
+
+    def update(self, rows: int, bytes_done: int | None = None) -> None:
+        self.rows += rows
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._last = now
+            self.emit(self._line(now, bytes_done))
+
+    def done(self) -> None:
+        self.emit(self._line(time.monotonic(), self.total_bytes) + " (done)")
+
+    def _line(self, now: float, bytes_done: int | None) -> str:
+        elapsed = max(now - self.start, 1e-9)
+        text = f"{self.label}: {self.rows:,} rows, {self.rows / elapsed:,.0f} rows/s, {_duration(elapsed)} elapsed"
+        if self.total_bytes and bytes_done:
+            frac = min(bytes_done / self.total_bytes, 1.0)
+            eta = elapsed * (1 - frac) / max(frac, 1e-9)
+            text += f", {frac:.1%} of {self.total_bytes / 2**20:,.0f} MiB, ETA {_duration(eta)}"
+        return text
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m{secs:02d}s" if minutes >= 60 else f"{minutes}m{secs:02d}s"
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int = 2) -> Iterator[R]:
+    """``map(fn, items)`` on ``threads`` worker threads, in input order, with at most ``2 * threads`` items in
+    flight (so memory stays bounded). numpy releases the GIL inside its array loops, which is where the
+    parsers spend their time, so two threads use two cores."""
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        pending: collections.deque[concurrent.futures.Future[R]] = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+@dataclasses.dataclass
+class RawSource:
+    """A dataset's raw files opened for one streaming pass (what prepare and the synthetic datasets read).
+
+    Attributes:
+      schema: the batch schema of the rows.
+      rows: parsed rows, in input order, chunk by chunk; bad rows already reported to the accounting.
+      estimated_rows: about how many rows to expect (sizes the prepare step's shuffle buckets).
+      main_input: the accounting input whose rows become examples (read = written + rejected).
+    """
+
+    schema: schema_lib.FeatureSchema
+    rows: Iterator[rows_lib.Rows]
+    estimated_rows: int
+    main_input: str
+
+
+def stream_rows(
+    paths: list[str],
+    parse: Callable[[Block], tuple[R, list[Rejection]]],
+    accounting: RowAccounting,
+    input_name: str,
+    threads: int = 2,
+    skip_lines: int = 0,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    progress: Progress | None = None,
+) -> Iterator[R]:
+    """``parse`` of every block of ``paths``, in order (``parse`` runs on ``threads`` threads).
+
+    Reports every block's lines and bad rows to ``accounting`` (in file order, so the first bad row of the
+    input is the one an error names) and, per parsed result (anything with a length: its rows), progress in
+    bytes of all ``paths`` together.
+    """
+    check_inputs(paths)
+    allocator.keep_freed_memory()  # parsing a block allocates dozens of large temporaries
+    offsets = dict(zip(paths, np.cumsum([0] + [os.path.getsize(p) for p in paths])[:-1].tolist()))
+
+    def blocks() -> Iterator[Block]:
+        for path in paths:
+            yield from read_blocks(path, block_bytes, skip_lines)
+
+    for block, (parsed, rejections) in ordered_map(lambda b: (b, parse(b)), blocks(), threads):
+        accounting.read(input_name, block.num_lines)
+        accounting.reject(input_name, block.source, rejections)
+        if progress is not None:
+            progress.update(len(parsed), offsets[block.source] + block.file_bytes_done)
+        yield parsed
+    if progress is not None:
+        progress.done()
+
+
+def estimate_lines(paths: list[str], skip_lines: int = 0) -> int:
+    """About how many lines ``paths`` hold, from the line density of the first 4 MiB of the first file."""
+    for block in read_blocks(paths[0], 4 << 20, skip_lines):
+        per_byte = block.num_lines / max(block.file_bytes_done, 1)
+        return max(1, int(per_byte * sum(os.path.getsize(p) for p in paths)))
+    return 1
+
+
+def count_lines(path: str) -> int:
+    """Lines of a raw file (plain or gzip), streaming."""
+    return sum(block.num_lines for block in read_blocks(path, 16 << 20, require_rows=False))

@@ -7,6 +7,7 @@ A host batch is a flat dict of numpy arrays (the device batch has the same keys)
 - one ``[B]`` int64 array per categorical feature: a 63-bit non-negative fingerprint of (field, raw value)
   (see :mod:`ctr.data.fingerprint`); a missing value is the fingerprint of the empty string.
 - per sequence feature: ``[B, L]`` int64 fingerprints plus ``<name>_mask`` ``[B, L]`` bool (True = real event).
+  Events run oldest to newest and are right-aligned: the most recent is at ``L - 1``, padding (id 0) on the left.
 - ``group`` ``[B]`` int64 when the schema has a group key (gAUC groups, e.g. the TaobaoAds user).
 """
 from __future__ import annotations

@@ -59,13 +59,13 @@ DENSE = ("price",)
 BTAGS = ("pv", "cart", "fav", "buy")
 RAW_SAMPLE_ROWS = 26_557_961
 TEST_DAY = 20170513
-BARS_MIN_COUNT = 10
 MAX_LEN = 50
 _UTC8 = 8 * 3600
 _NULL = b"NULL"
-_IMPRESSION = np.dtype([("ordinal", "<i8"), ("user", "<i8"), ("ts", "<i8"), ("ad", "<i8"), ("userid", "<i8"),
-                        ("adgroup_id", "<i8"), ("pid", "<i8"), ("label", "<f4")])  # fmt: skip
-_BEHAVIOR = np.dtype([("user", "<i8"), ("ts", "<i8"), ("btag", "i1"), ("cate", "<i8"), ("brand", "<i8")])
+_IMPRESSION = np.dtype([("user", "<i8"), ("ts", "<i8"), ("ad", "<i8"), ("userid", "<i8"), ("adgroup_id", "<i8"),
+                        ("pid", "<i8"), ("label", "<f4")])  # fmt: skip
+# 25 bytes per behaviour on disk (user and time are checked to fit in int32).
+_BEHAVIOR = np.dtype([("user", "<i4"), ("ts", "<i4"), ("btag", "i1"), ("cate", "<i8"), ("brand", "<i8")])
 
 
 @gin.configurable(module="taobao")
@@ -123,21 +123,23 @@ def open_raw(
     processing: Processing,
     time_split: bool = True,
     threads: int = 2,
-    progress: raw.Progress | None = None,
+    emit: raw.Emit | None = None,
     tmp_dir: str | None = None,
 ) -> raw.RawSource:
     """TaobaoAds' raw files as a stream of joined rows with behaviour sequences (``day`` = YYYYMMDD, UTC+8).
 
     Rows come partition by partition (users grouped by ``user % partitions``), each partition in impression
     order. Temporary partition files live in ``tmp_dir`` (default: the system's) and are removed at the end.
+    Progress of the two streaming passes goes to ``emit``.
     """
     del time_split  # days are dates whatever the split
     paths = input_files(raw_dir)
     for name, columns in zip(FILES, (SAMPLE_COLUMNS, AD_COLUMNS, USER_COLUMNS, BEHAVIOR_COLUMNS)):
         check_header(paths[name], columns)
     partitions = max(1, -(-os.path.getsize(paths["behavior_log"]) // processing.partition_bytes))
-    rows = _joined_rows(paths, accounting, processing.max_len, partitions, threads, progress, tmp_dir)
-    return raw.RawSource(feature_schema(processing.max_len), rows, raw.estimate_lines([paths["raw_sample"]], 1), "raw_sample")
+    rows = _joined_rows(paths, accounting, processing.max_len, partitions, threads, emit, tmp_dir)
+    estimated_rows = raw.estimate_lines([paths["raw_sample"]], 1)
+    return raw.RawSource(feature_schema(processing.max_len), rows, estimated_rows, "raw_sample")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -159,10 +161,10 @@ class _Table:
         return pos, found
 
 
-def _null_as_missing(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+def _null_as_missing(words: text.Words, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """``ends`` with every span that reads ``NULL`` emptied (a missing value is the empty string)."""
-    words = text.Words(data)
-    is_null = (ends - starts == 4) & ((words(starts) & np.uint64(0xFFFFFFFF)) == np.uint64(int.from_bytes(_NULL, "little")))
+    null = np.uint64(int.from_bytes(_NULL, "little"))
+    is_null = (ends - starts == len(_NULL)) & ((words(starts) & np.uint64(0xFFFFFFFF)) == null)
     return np.where(is_null, starts, ends)
 
 
@@ -199,7 +201,7 @@ def _load_table(
             checks.append((price_ok, "bad_price", columns[price_column], lambda r: "price must be a number >= 0"))
         keep, rejections = raw.block_rejections(block, spans, checks, layout)
         starts, ends = spans.starts[keep][:, id_columns], spans.ends[keep][:, id_columns]
-        ends = _null_as_missing(data, starts, ends)
+        ends = _null_as_missing(words, starts, ends)
         lines = block.first_line + spans.line_index[keep]
         return (key[keep], fingerprint_spans(id_fields, words, starts, ends), price[keep], lines), rejections
 
@@ -256,13 +258,12 @@ def _parse_impressions(block: raw.Block, ads: _Table) -> tuple[np.ndarray, list[
         checks.append((valid[:, j] & present[:, j], "not_an_integer", field, _describe_int(data, starts, ends, j)))
         if j < 2:  # user and time form one 64-bit sort key
             checks.append((_in_key_range(ints[:, j]), "out_of_range", field, _describe_range(ints, j)))
-    checks.append((clk_ok, "bad_label", "clk", lambda r: f"clk must be 0 or 1, got {text.span_bytes(data, starts[r, 5], ends[r, 5])!r}"))
+    checks.append((clk_ok, "bad_label", "clk", lambda r: f"clk must be 0 or 1, got {_shown(data, starts, ends, r, 5)}"))
     checks.append((ad_found, "unknown_ad", "adgroup_id", lambda r: f"adgroup_id {ints[r, 2]} is not in ad_feature"))
     keep, rejections = raw.block_rejections(block, spans, checks, f"{len(SAMPLE_COLUMNS)} comma-separated fields")
     starts, ends = starts[keep], ends[keep]
     ids = fingerprint_spans(("userid", "adgroup_id", "pid"), words, starts[:, [0, 2, 3]], ends[:, [0, 2, 3]])
     out = np.empty(int(keep.sum()), _IMPRESSION)
-    out["ordinal"] = block.first_line + spans.line_index[keep]  # unique per line of raw_sample
     out["user"], out["ts"], out["ad"] = ints[keep, 0], ints[keep, 1], ad_row[keep]
     out["userid"], out["adgroup_id"], out["pid"] = ids[:, 0], ids[:, 1], ids[:, 2]
     out["label"] = clk[keep] == ord("1")
@@ -280,23 +281,32 @@ def _parse_behaviors(block: raw.Block) -> tuple[np.ndarray, list[raw.Rejection]]
     btag = np.full(len(starts), -1, np.int8)
     for code, name in enumerate(BTAGS):
         mask = np.uint64((1 << (8 * len(name))) - 1)
-        btag[(btag_len == len(name)) & ((btag_word & mask) == np.uint64(int.from_bytes(name.encode(), "little")))] = code
+        value = np.uint64(int.from_bytes(name.encode(), "little"))
+        btag[(btag_len == len(name)) & ((btag_word & mask) == value)] = code
     checks: list[raw.Check] = []
     for j, field in enumerate(BEHAVIOR_COLUMNS[:2]):
         checks.append((valid[:, j] & present[:, j], "not_an_integer", field, _describe_int(data, starts, ends, j)))
         checks.append((_in_key_range(ints[:, j]), "out_of_range", field, _describe_range(ints, j)))
-    checks.append((btag >= 0, "bad_btag", "btag", lambda r: f"btag must be one of {'/'.join(BTAGS)}, got {text.span_bytes(data, starts[r, 2], ends[r, 2])!r}"))
+
+    def btag_detail(row: int) -> str:
+        return f"btag must be one of {'/'.join(BTAGS)}, got {_shown(data, starts, ends, row, 2)}"
+
+    checks.append((btag >= 0, "bad_btag", "btag", btag_detail))
     keep, rejections = raw.block_rejections(block, spans, checks, f"{len(BEHAVIOR_COLUMNS)} comma-separated fields")
     starts, ends = starts[keep][:, 3:], spans.ends[keep][:, 3:]
-    ids = fingerprint_spans(("cate_id", "brand"), words, starts, _null_as_missing(data, starts, ends))
+    ids = fingerprint_spans(("cate_id", "brand"), words, starts, _null_as_missing(words, starts, ends))
     out = np.empty(int(keep.sum()), _BEHAVIOR)
     out["user"], out["ts"], out["btag"] = ints[keep, 0], ints[keep, 1], btag[keep]
     out["cate"], out["brand"] = ids[:, 0], ids[:, 1]
     return out, rejections
 
 
+def _shown(data: np.ndarray, starts: np.ndarray, ends: np.ndarray, row: int, col: int) -> str:
+    return repr(text.span_bytes(data, starts[row, col], ends[row, col]))
+
+
 def _describe_int(data: np.ndarray, starts: np.ndarray, ends: np.ndarray, col: int):
-    return lambda r: f"not an integer {text.span_bytes(data, starts[r, col], ends[r, col])!r}"
+    return lambda r: f"not an integer {_shown(data, starts, ends, r, col)}"
 
 
 def _in_key_range(values: np.ndarray) -> np.ndarray:
@@ -337,9 +347,10 @@ def histories(
     Returns:
       ``index [m, L]`` into ``behaviors`` (right-aligned, oldest first; 0 where padding) and ``length [m]``.
     """
-    keys = behaviors["user"] * (1 << 32) + behaviors["ts"]
-    end = np.searchsorted(keys, users * (1 << 32) + times, side="left")  # first behaviour at or after the time
-    begin = np.searchsorted(keys, users * (1 << 32), side="left")  # the user's first behaviour
+    keys = (behaviors["user"].astype(np.int64) << 32) + behaviors["ts"]
+    users = np.asarray(users, np.int64) << 32
+    end = np.searchsorted(keys, users + times, side="left")  # the first behaviour at or after the time
+    begin = np.searchsorted(keys, users, side="left")  # the user's first behaviour
     length = np.minimum(end - begin, max_len)
     index = end[:, None] - max_len + np.arange(max_len)
     index = np.where(np.arange(max_len) >= max_len - length[:, None], index, 0)
@@ -352,7 +363,7 @@ def _joined_rows(
     max_len: int,
     partitions: int,
     threads: int,
-    progress: raw.Progress | None,
+    emit: raw.Emit | None,
     tmp_dir: str | None,
     chunk_rows: int = 65_536,
 ) -> Iterator[rows_lib.Rows]:
@@ -360,19 +371,18 @@ def _joined_rows(
     users = _load_table(paths["user_profile"], USER_COLUMNS, PROFILE_FEATURES, accounting, "user_profile", threads)
     btag_ids = _btag_ids()
     with tempfile.TemporaryDirectory(prefix="taobao-", dir=tmp_dir) as tmp:
+        samples = [paths["raw_sample"]]
         sample_parts = _partition(
-            raw.stream_rows([paths["raw_sample"]], lambda b: _parse_impressions(b, ads), accounting, "raw_sample",
-                            threads, skip_lines=1, progress=progress),
+            raw.stream_rows(samples, lambda b: _parse_impressions(b, ads), accounting, "raw_sample", threads,
+                            skip_lines=1, progress=raw.progress_for("taobao raw_sample", samples, emit)),
             partitions, tmp, "impressions",
         )  # fmt: skip
-        behavior_progress = raw.Progress("taobao behavior_log", os.path.getsize(paths["behavior_log"]), emit=progress.emit) if progress else None
+        logs = [paths["behavior_log"]]
         behavior_parts = _partition(
-            raw.stream_rows([paths["behavior_log"]], _parse_behaviors, accounting, "behavior_log", threads,
-                            skip_lines=1, progress=behavior_progress),
+            raw.stream_rows(logs, _parse_behaviors, accounting, "behavior_log", threads,
+                            skip_lines=1, progress=raw.progress_for("taobao behavior_log", logs, emit)),
             partitions, tmp, "behaviors",
         )  # fmt: skip
-        if behavior_progress:
-            behavior_progress.done()
         for sample_path, behavior_path in zip(sample_parts, behavior_parts):
             impressions = np.fromfile(sample_path, _IMPRESSION)
             behaviors = np.fromfile(behavior_path, _BEHAVIOR)
@@ -380,7 +390,8 @@ def _joined_rows(
             os.remove(behavior_path)
             behaviors = behaviors[np.lexsort((behaviors["ts"], behaviors["user"]))]  # stable: ties keep log order
             for begin in range(0, len(impressions), chunk_rows):
-                yield _join(impressions[begin : begin + chunk_rows], behaviors, ads, users, btag_ids, max_len, accounting)
+                chunk = impressions[begin : begin + chunk_rows]
+                yield _join(chunk, behaviors, ads, users, btag_ids, max_len, accounting)
 
 
 def _join(
@@ -490,12 +501,14 @@ def write_synthetic(
     _write_csv(raw_dir, "ad_feature", AD_COLUMNS, ads, gzip_files)
     with_profile = np.flatnonzero(rng.random(num_users) >= 0.1)
     profile = rng.integers(0, 4, (len(with_profile), len(PROFILE_FEATURES)))
-    pvalue = [str(v) if keep else "" for v, keep in zip(profile[:, 4].tolist(), (rng.random(len(with_profile)) < 0.5).tolist())]
+    known = (rng.random(len(with_profile)) < 0.5).tolist()
+    pvalue = [str(v) if keep else "" for v, keep in zip(profile[:, 4].tolist(), known)]
     users = [(u, *p[:4], pv, *p[5:]) for u, p, pv in zip(user_ids[with_profile].tolist(), profile.tolist(), pvalue)]
     _write_csv(raw_dir, "user_profile", USER_COLUMNS[:-1] + (USER_COLUMNS[-1] + " ",), users, gzip_files)
     shuffled = rng.permutation(n_b)  # the real log is not sorted
-    behaviors = zip(user_ids[b_user[shuffled]].tolist(), b_ts[shuffled].tolist(), [BTAGS[t] for t in b_btag[shuffled].tolist()],
-                    b_cate[shuffled].tolist(), brand_text(b_brand[shuffled], b_brand_null[shuffled]))  # fmt: skip
+    behaviors = zip(user_ids[b_user[shuffled]].tolist(), b_ts[shuffled].tolist(),
+                    [BTAGS[t] for t in b_btag[shuffled].tolist()], b_cate[shuffled].tolist(),
+                    brand_text(b_brand[shuffled], b_brand_null[shuffled]))  # fmt: skip
     _write_csv(raw_dir, "behavior_log", BEHAVIOR_COLUMNS, behaviors, gzip_files)
 
 

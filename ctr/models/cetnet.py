@@ -50,13 +50,13 @@ def fuse(
       The fused logit ``[B]`` and the fusion weights ``[B, K]`` (each row sums to one).
     """
     conf = confidence(jax.lax.stop_gradient(tower_logits) if detach_confidence else tower_logits)
-    weights = jax.nn.softmax(conf / temperature, axis=-1)
+    log_w = jax.nn.log_softmax(conf / temperature, axis=-1)
+    weights = jnp.exp(log_w)
     if mode == "logit":
         return (weights * tower_logits).sum(-1), weights
     if mode != "probability":
         raise ValueError(f"CETNet fusion must be 'probability' or 'logit', got {mode!r}")
     # log p and log(1 - p) of the mixture, in log space so the logit stays finite for confident towers.
-    log_w = jnp.log(weights)
     log_p = jax.nn.logsumexp(log_w + jax.nn.log_sigmoid(tower_logits), axis=-1)
     log_q = jax.nn.logsumexp(log_w + jax.nn.log_sigmoid(-tower_logits), axis=-1)
     return log_p - log_q, weights

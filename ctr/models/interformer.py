@@ -55,14 +55,17 @@ from ctr.models.layers import (
 def merge_sequences(inputs: ModelInputs) -> tuple[jax.Array, jax.Array]:
     """All sequences concatenated per position: ``[B, L_max, sum(D_s)]`` and the merged mask ``[B, L_max]``.
 
-    Sequences are left-padded to the longest so that position ``-1`` is every sequence's most recent event.
+    Sequences are left-padded to the longest so that position ``-1`` is every sequence's most recent event. Each
+    sequence's padding is zeroed first, so a position that is real in one sequence and padding in another carries
+    nothing from the padding.
     """
     length = max(s.shape[1] for s in inputs.sequences.values())
     parts, masks = [], []
     for name, seq in inputs.sequences.items():
         pad = length - seq.shape[1]
-        parts.append(jnp.pad(seq, ((0, 0), (pad, 0), (0, 0))))
-        masks.append(jnp.pad(inputs.masks[name].astype(bool), ((0, 0), (pad, 0))))
+        mask = jnp.pad(inputs.masks[name].astype(bool), ((0, 0), (pad, 0)))
+        parts.append(jnp.where(mask[..., None], jnp.pad(seq, ((0, 0), (pad, 0), (0, 0))), 0))
+        masks.append(mask)
     return jnp.concatenate(parts, axis=-1), jnp.any(jnp.stack(masks), axis=0)
 
 
@@ -77,18 +80,41 @@ def most_recent(sequence: jax.Array, mask: jax.Array, k: int) -> jax.Array:
     return jnp.einsum("bkl,bld->bkd", select, sequence)
 
 
+def _sum_of_blocks(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    """``[k*d, d]`` stacked identities: the linear map that sums ``k`` concatenated ``d``-wide vectors."""
+    f, d = shape
+    return jnp.tile(jnp.eye(d, dtype=dtype), (f // d, 1))
+
+
 class SequenceMaskNet(nn.Module):
-    """``[B, L, F] -> [B, L, d]``: ``LayerNorm(MLP_lce(S * MLP_mask(S)))``, position-wise."""
+    """``[B, L, sum(widths)] -> [B, L, d]``: ``LayerNorm(MLP_lce(S * MLP_mask(S)))``, position-wise.
+
+    Initialisation keeps a merged event comparable with the target item from the first step. The mask MLP's
+    output bias starts at one, so the mask starts near 1 (with a zero bias every token would start as a product
+    of embeddings, which no linear map can compare with the target's embedding). When every sequence is ``d``
+    wide, ``MLP_lce`` starts as their sum, so an event token starts in the embedding space of the item features
+    (``cate_his`` shares ``cate_id``'s table); otherwise it starts random (LeCun normal).
+
+    Attributes:
+      dim: output width ``d``.
+      widths: the widths of the concatenated sequences.
+      activation: mask MLP activation.
+      dtype: compute dtype.
+    """
 
     dim: int
+    widths: Sequence[int]
     activation: Activation = nn.swish
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, s: jax.Array) -> jax.Array:
         f = s.shape[-1]
-        mask = MLP((f, f), self.activation, activate_last=False, dtype=self.dtype, name="mask_mlp")(s)
-        s = nn.Dense(self.dim, dtype=self.dtype, name="lce")(s * mask)
+        hidden = self.activation(nn.Dense(f, dtype=self.dtype, name="mask_hidden")(s))
+        mask = nn.Dense(f, dtype=self.dtype, bias_init=nn.initializers.ones, name="mask_out")(hidden)
+        aligned = all(w == self.dim for w in self.widths)
+        lce_init = _sum_of_blocks if aligned else nn.initializers.lecun_normal()
+        s = nn.Dense(self.dim, dtype=self.dtype, kernel_init=lce_init, name="lce")(s * mask)
         return nn.LayerNorm(dtype=self.dtype, name="norm")(s)
 
 
@@ -96,6 +122,7 @@ class NonSequenceSummary(nn.Module):
     """Cross Arch, non-sequence side: ``X_sum = Gating(MLP(X))``, ``[B, n, d] -> [B, C, d]`` (sown as ``x_sum``)."""
 
     num_tokens: int
+    gating: str = "paper"
     gate_hidden: Sequence[int] = ()
     activation: Activation = nn.swish
     dtype: jnp.dtype = jnp.float32
@@ -104,7 +131,7 @@ class NonSequenceSummary(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
         x_sum = nn.Dense(self.num_tokens * d, dtype=self.dtype, name="mlp")(x.reshape(b, n * d))
-        x_sum = SelfGating(self.gate_hidden, self.activation, self.dtype, name="gate")(
+        x_sum = SelfGating(self.gating, self.gate_hidden, self.activation, self.dtype, name="gate")(
             x_sum.reshape(b, self.num_tokens, d)
         )
         self.sow("intermediates", "x_sum", x_sum)
@@ -115,13 +142,14 @@ class SequenceSummary(nn.Module):
     """Cross Arch, sequence side: ``S_sum = Gating([S_CLS || PMA(S) || S_recent])``, ``[B, C+L, d] -> [B, C+P+K, d]``.
 
     ``S`` starts with the ``C`` CLS tokens; PMA and the recent tokens read the events only. The parts are sown as
-    ``cls``, ``pma``, ``recent`` and the result as ``s_sum``.
+    ``cls_tokens``, ``pma_tokens``, ``recent_tokens`` and the result as ``s_sum``.
     """
 
     num_cls: int
     num_pma: int
     num_recent: int
     num_heads: int
+    gating: str = "paper"
     gate_hidden: Sequence[int] = ()
     activation: Activation = nn.swish
     dtype: jnp.dtype = jnp.float32
@@ -129,17 +157,19 @@ class SequenceSummary(nn.Module):
     @nn.compact
     def __call__(self, s: jax.Array, mask: jax.Array) -> jax.Array:
         cls, events, event_mask = s[:, : self.num_cls], s[:, self.num_cls :], mask[:, self.num_cls :]
-        self.sow("intermediates", "cls", cls)
+        self.sow("intermediates", "cls_tokens", cls)
         parts = [cls]
         if self.num_pma:
             pma = PoolingByAttention(self.num_pma, self.num_heads, self.dtype, name="pma")(events, event_mask)
-            self.sow("intermediates", "pma", pma)
+            self.sow("intermediates", "pma_tokens", pma)
             parts.append(pma)
         if self.num_recent:
             recent = most_recent(events, event_mask, self.num_recent)
-            self.sow("intermediates", "recent", recent)
+            self.sow("intermediates", "recent_tokens", recent)
             parts.append(recent)
-        s_sum = SelfGating(self.gate_hidden, self.activation, self.dtype, name="gate")(jnp.concatenate(parts, axis=1))
+        s_sum = SelfGating(self.gating, self.gate_hidden, self.activation, self.dtype, name="gate")(
+            jnp.concatenate(parts, axis=1)
+        )
         self.sow("intermediates", "s_sum", s_sum)
         return s_sum
 
@@ -176,7 +206,8 @@ class SequenceArch(nn.Module):
         w = self.param("pffn", nn.initializers.normal(1.0 / d), (c, d))
         w_pffn = jnp.einsum("bci,cj->bij", x_sum, w.astype(self.dtype))  # [B, d, d], one FFN weight per example
         s = nn.LayerNorm(dtype=self.dtype, name="pffn_norm")(s + jnp.einsum("bij,btj->bti", w_pffn, s))
-        attn = MultiHeadAttention(self.num_heads, self.rope_base, self.dtype, name="mha")(
+        # Identity values: the CLS tokens start by adding a weighted mean of the events, in the events' space.
+        attn = MultiHeadAttention(self.num_heads, self.rope_base, identity_values=True, dtype=self.dtype, name="mha")(
             s, s, mask, positions, positions
         )
         return nn.LayerNorm(dtype=self.dtype, name="mha_norm")(s + attn)
@@ -195,6 +226,7 @@ class InterFormer(nn.Module):
       num_pma: PMA tokens ``P`` (paper: 2; 0 removes them).
       num_recent: most recent event tokens ``K`` (paper: 2; 0 removes them).
       dhen_layers: DHEN layers inside each block's interaction arch (the rest is bound on ``DHEN``).
+      gating: ``"paper"`` (``sigmoid(X * MLP(X))``) or ``"glu"`` (``X * sigmoid(MLP(X))``), see ``SelfGating``.
       gate_hidden: hidden widths of the gating MLPs.
       head: hidden widths of the head MLP (paper: 1024, 512, 256, 128).
       activation: activation name (paper: swish).
@@ -210,6 +242,7 @@ class InterFormer(nn.Module):
     num_pma: int = 2
     num_recent: int = 2
     dhen_layers: int = 1
+    gating: str = "paper"
     gate_hidden: Sequence[int] = ()
     head: Sequence[int] = (1024, 512, 256, 128)
     activation: str = "swish"
@@ -223,23 +256,26 @@ class InterFormer(nn.Module):
         act = activation_fn(self.activation)
 
         def summarise(i: int, x: jax.Array, s: jax.Array | None, mask: jax.Array | None):
-            x_sum = NonSequenceSummary(self.num_cls, tuple(self.gate_hidden), act, dtype, name=f"x_summary_{i}")(x)
+            x_sum = NonSequenceSummary(
+                self.num_cls, self.gating, tuple(self.gate_hidden), act, dtype, name=f"x_summary_{i}"
+            )(x)
             if s is None:
                 return x_sum, s, mask, None
             if i == 0:  # the first non-sequence summary becomes the CLS tokens, ahead of the events
                 s = jnp.concatenate([x_sum, s], axis=1)
                 mask = jnp.concatenate([jnp.ones(x_sum.shape[:2], bool), mask], axis=1)
             s_sum = SequenceSummary(
-                self.num_cls, self.num_pma, self.num_recent, self.num_heads, tuple(self.gate_hidden), act, dtype,
-                name=f"s_summary_{i}",
+                self.num_cls, self.num_pma, self.num_recent, self.num_heads, self.gating, tuple(self.gate_hidden),
+                act, dtype, name=f"s_summary_{i}",
             )(s, mask)
             return x_sum, s, mask, s_sum
 
         x = FeatureTokens(self.dim, dtype=dtype, name="tokens")(inputs)
-        s = mask = None
+        s = mask = positions = None
         if inputs.sequences:
             merged, mask = merge_sequences(inputs)
-            s = SequenceMaskNet(self.dim, act, dtype, name="masknet")(merged.astype(dtype))
+            widths = tuple(seq.shape[-1] for seq in inputs.sequences.values())
+            s = SequenceMaskNet(self.dim, widths, act, dtype, name="masknet")(merged.astype(dtype))
             # CLS tokens sit at position 0, the events at 1..L (rotary attention only sees differences).
             positions = jnp.concatenate([jnp.zeros(self.num_cls, jnp.int32), jnp.arange(1, s.shape[1] + 1)])[None]
         for i in range(self.num_layers):

@@ -6,7 +6,7 @@ and reductions that lose precision in bfloat16 (softmax, layer-norm statistics) 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -210,11 +210,14 @@ class MultiHeadAttention(nn.Module):
     Attributes:
       num_heads: heads; ``D`` must be divisible by it.
       rope_base: rotary frequency base.
+      identity_values: start the value and output projections as the identity, so the layer starts as a
+        (query-weighted) mean of its inputs, in their own space, rather than of random projections of them.
       dtype: compute dtype (the softmax runs in float32).
     """
 
     num_heads: int
     rope_base: float = 10000.0
+    identity_values: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -231,10 +234,14 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"width {d} is not divisible by {self.num_heads} heads")
         head_dim = d // self.num_heads
 
-        def project(x: jax.Array, name: str) -> jax.Array:
-            return nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name=name)(x)
+        identity = _identity_init if self.identity_values else nn.initializers.lecun_normal()
 
-        q, k, v = project(queries, "query"), project(keys_values, "key"), project(keys_values, "value")
+        def project(x: jax.Array, name: str, init: nn.initializers.Initializer) -> jax.Array:
+            return nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, kernel_init=init, name=name)(x)
+
+        default = nn.initializers.lecun_normal()
+        q, k = project(queries, "query", default), project(keys_values, "key", default)
+        v = project(keys_values, "value", identity)
         if query_positions is not None:
             q = rotary(q, query_positions, self.rope_base)
         if key_positions is not None:
@@ -247,7 +254,13 @@ class MultiHeadAttention(nn.Module):
         else:
             weights = nn.softmax(logits, axis=-1)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
-        return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")(out)
+        return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, kernel_init=identity, name="out")(out)
+
+
+def _identity_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    """The identity map as a ``[D, H, Dh]`` (value) or ``[H, Dh, D]`` (output) kernel, ``H * Dh = D``."""
+    d = math.isqrt(math.prod(shape))
+    return jnp.eye(d, dtype=dtype).reshape(shape)
 
 
 class PoolingByAttention(nn.Module):
@@ -267,27 +280,40 @@ class PoolingByAttention(nn.Module):
     def __call__(self, sequence: jax.Array, mask: jax.Array) -> jax.Array:
         seeds = self.param("queries", nn.initializers.normal(1.0), (self.num_queries, sequence.shape[-1]))
         queries = jnp.broadcast_to(seeds.astype(self.dtype), (sequence.shape[0], *seeds.shape))
-        return MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attention")(queries, sequence, mask)
+        # Identity values: PMA starts as a weighted mean of the sequence, in the sequence's own space.
+        attention = MultiHeadAttention(self.num_heads, identity_values=True, dtype=self.dtype, name="attention")
+        return attention(queries, sequence, mask)
 
 
 class SelfGating(nn.Module):
-    """InterFormer's gating ``Gating(X) = sigmoid(X * MLP(X))`` over tokens ``[B, T, D] -> [B, T, D]``.
+    """Self-gating of tokens ``[B, T, D] -> [B, T, D]``; the gate MLP sees all tokens flattened.
 
-    The MLP sees all tokens flattened, so every gate depends on the whole summary.
+    ``form="paper"`` is InterFormer's equation, ``sigmoid(X * MLP(X))`` (outputs in (0, 1)). The MLP's output
+    bias starts at one, so the gate starts as ``sigmoid(X + ...)``, monotone in ``X``: with a zero bias it would
+    start as ``sigmoid`` of products of features, which loses their signs, and in our runs InterFormer then did not
+    learn to match a target item against its history at all. ``form="glu"`` is the usual gated unit
+    ``X * sigmoid(MLP(X))``, which keeps the sign and scale of ``X``.
 
     Attributes:
+      form: ``"paper"`` or ``"glu"``.
       hidden: hidden widths of the gate MLP (its output layer, of width ``T*D``, is added).
       activation: hidden activation.
       dtype: compute dtype.
     """
 
+    form: str = "paper"
     hidden: Sequence[int] = ()
     activation: Activation = nn.swish
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.form not in ("paper", "glu"):
+            raise ValueError(f"gating form must be 'paper' or 'glu', got {self.form!r}")
         b, t, d = x.shape
         flat = x.reshape(b, t * d)
-        gate = MLP((*self.hidden, t * d), self.activation, activate_last=False, dtype=self.dtype, name="mlp")(flat)
-        return nn.sigmoid(flat * gate).reshape(b, t, d)
+        h = MLP(self.hidden, self.activation, dtype=self.dtype, name="mlp")(flat) if self.hidden else flat
+        bias_init = nn.initializers.ones if self.form == "paper" else nn.initializers.zeros
+        gate = nn.Dense(t * d, dtype=self.dtype, bias_init=bias_init, name="gate")(h)
+        out = nn.sigmoid(flat * gate) if self.form == "paper" else flat * nn.sigmoid(gate)
+        return out.reshape(b, t, d)

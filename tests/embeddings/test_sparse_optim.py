@@ -133,8 +133,9 @@ def test_update_cost_does_not_grow_with_table_size(optimizer):
         slots = jax.eval_shape(optimizer.init, table)
         ids = [jax.ShapeDtypeStruct((4096,), jnp.int32)]
         grads = [jax.ShapeDtypeStruct((4096, 16), jnp.float32)]
+        options = sharding.LookupOptions()
         update = jax.jit(
-            lambda t, s, i, g: sharding.update_rows(t, s, i, g, optimizer, jnp.int32(0), None, sharding.LookupOptions()),
+            lambda t, s, i, g: sharding.update_rows(t, s, i, g, optimizer, jnp.int32(0), None, options),
             donate_argnums=(0, 1),
         )
         compiled = update.lower(table, slots, ids, grads).compile()

@@ -1,8 +1,9 @@
 """Every registered model: output contract, padding invariance, mixed precision, one training step.
 
-Compile time dominates these tests, so each model compiles one jitted ``init_with_output`` per (dtype, input
-layout) and reuses it: parameter initialisation depends only on the input shapes, so the same function gives the
-outputs for changed input values with the very same parameters.
+Compile time dominates these tests. Compiling a model's initialisation costs several times its forward pass (and
+eager initialisation compiles every op separately, slower still), so initialisation is only traced
+(``jax.eval_shape``: every parameter is created, float32, with its shape) and the parameter values come from
+:func:`host_init`. Each model's jitted forward pass is shared by the tests that use the same input layout.
 """
 import functools
 
@@ -13,7 +14,7 @@ import optax
 import pytest
 
 import ctr.models
-from models_testlib import BATCH, labels, logits_of, loss_of, make_inputs, tiny_model, tiny_towers
+from models_testlib import BATCH, host_init, labels, logits_of, loss_of, make_inputs, tiny_model, tiny_towers
 
 MODELS = ["dcnv2", "dlrm", "dhen", "interformer", "cetnet"]
 # CETNet's default towers (InterFormer + DHEN), with a one-block InterFormer to keep compile times down.
@@ -21,16 +22,23 @@ CETNET_BINDINGS = ("interformer/InterFormer.num_layers = 1",)
 
 
 @functools.lru_cache(maxsize=None)
-def init_and_apply(name, dtype="float32"):
-    """The model and ``inputs -> (outputs, variables)``, jitted, always from the same RNG key."""
+def model_and_apply(name, dtype="float32"):
+    """The model and its jitted ``apply`` (CETNet builds its towers at trace time, under their gin scopes)."""
     model = tiny_model(name, dtype=dtype)
-    jitted = jax.jit(model.init_with_output)
+    jitted = jax.jit(model.apply)
 
-    def run(inputs):
-        with tiny_towers(*CETNET_BINDINGS):  # CETNet builds its towers at trace time, under their gin scopes
-            return jitted(jax.random.key(0), inputs)
+    def apply(variables, inputs):
+        with tiny_towers(*CETNET_BINDINGS):
+            return jitted(variables, inputs)
 
-    return model, run
+    return model, apply
+
+
+@functools.lru_cache(maxsize=None)
+def initialised(name):
+    """``name``'s variables for :func:`make_inputs` inputs (shapes from the traced ``init``)."""
+    with tiny_towers(*CETNET_BINDINGS):
+        return host_init(tiny_model(name), make_inputs())
 
 
 def test_every_model_is_registered():
@@ -38,8 +46,10 @@ def test_every_model_is_registered():
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_output_shapes(name):
-    out, _ = init_and_apply(name)[1](make_inputs())
+def test_init_and_output_shapes(name):
+    variables = initialised(name)
+    assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    out = model_and_apply(name)[1](variables, make_inputs())
     logits = logits_of(out)
     assert logits.shape == (BATCH,) and logits.dtype == jnp.float32
     assert np.isfinite(np.asarray(logits)).all()
@@ -51,10 +61,14 @@ def test_output_shapes(name):
 @pytest.mark.parametrize("name", MODELS)
 def test_runs_without_sequences(name):
     """Criteo/Avazu layout: dense features and no behaviour sequences."""
-    out, variables = init_and_apply(name)[1](make_inputs(sequences=False))
-    assert logits_of(out).shape == (BATCH,) and np.isfinite(np.asarray(logits_of(out))).all()
+    inputs = make_inputs(sequences=False)
+    model, apply = model_and_apply(name)
+    with tiny_towers(*CETNET_BINDINGS):
+        variables = host_init(model, inputs)
     paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
     assert not [p for p in paths if "sequence_" in p or "masknet" in p]  # no sequence arch is built
+    logits = logits_of(apply(variables, inputs))
+    assert logits.shape == (BATCH,) and np.isfinite(np.asarray(logits)).all()
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -66,19 +80,22 @@ def test_padding_does_not_change_the_output(name):
         for seq_name, seq in inputs.sequences.items()
     }
     assert not np.allclose(np.asarray(garbage["cate_his"]), np.asarray(inputs.sequences["cate_his"]))
-    run = init_and_apply(name)[1]
-    before, after = logits_of(run(inputs)[0]), logits_of(run(inputs.replace(sequences=garbage))[0])
+    apply = model_and_apply(name)[1]
+    variables = initialised(name)
+    before = logits_of(apply(variables, inputs))
+    after = logits_of(apply(variables, inputs.replace(sequences=garbage)))
     np.testing.assert_allclose(np.asarray(after), np.asarray(before), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_bfloat16_compute_keeps_float32_params_and_output(name):
-    inputs = make_inputs()
-    out32, variables32 = init_and_apply(name)[1](inputs)
-    out16, variables16 = init_and_apply(name, "bfloat16")[1](inputs)
-    assert {leaf.dtype for leaf in jax.tree.leaves(variables16)} == {jnp.dtype(jnp.float32)}
-    jax.tree.map(np.testing.assert_array_equal, variables16, variables32)  # the same f32 master weights
-    out16, out32 = logits_of(out16), logits_of(out32)
+    inputs, variables = make_inputs(), initialised(name)
+    model16, apply16 = model_and_apply(name, "bfloat16")
+    with tiny_towers(*CETNET_BINDINGS):
+        shapes16 = jax.eval_shape(model16.init, jax.random.key(0), inputs)
+    assert {leaf.dtype for leaf in jax.tree.leaves(shapes16)} == {jnp.dtype(jnp.float32)}
+    assert jax.tree.structure(shapes16) == jax.tree.structure(variables)
+    out16, out32 = logits_of(apply16(variables, inputs)), logits_of(model_and_apply(name)[1](variables, inputs))
     assert out16.dtype == jnp.float32 and np.isfinite(np.asarray(out16)).all()
     assert not np.array_equal(np.asarray(out16), np.asarray(out32))  # bf16 arithmetic did happen
     np.testing.assert_allclose(np.asarray(out16), np.asarray(out32), atol=0.15, rtol=0.1)
@@ -86,9 +103,8 @@ def test_bfloat16_compute_keeps_float32_params_and_output(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_one_adam_step_lowers_the_loss(name):
-    model, run = init_and_apply(name)
+    model = model_and_apply(name)[0]
     inputs, y = make_inputs(), labels()
-    variables = run(inputs)[1]
     optimizer = optax.adam(3e-3)
 
     def loss_fn(params):
@@ -100,7 +116,7 @@ def test_one_adam_step_lowers_the_loss(name):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    params = variables["params"]
+    params = initialised(name)["params"]
     with tiny_towers(*CETNET_BINDINGS):
         params, opt_state, before = step(params, optimizer.init(params))
         _, _, after = step(params, opt_state)  # returns the loss at the updated parameters

@@ -1,0 +1,174 @@
+"""The input pipeline over prepared data: memory-mapped fixed-width numpy shards, gathered into host batches.
+
+A prepared directory (written by :mod:`ctr.prepare`) holds ``metadata.json`` and, per split, shards of
+row-major arrays (``<split>/<k>.<array>.npy``: ``label [n]``, ``dense [n, d]``, ``ids [n, f]``, ``seq [n, s, L]``,
+``seq_len [n]``, ``group [n]``; see :mod:`ctr.data.rows`). :func:`prepared` opens them with ``np.load(...,
+mmap_mode="r")`` and serves the trainer's :class:`~ctr.data.dataset.Dataset` interface:
+
+- The training order is :func:`ctr.data.dataset.train_rows`: a pure function of (seed, step), so resuming at a
+  step is exact, and each host computes the same global batches and takes only its slice.
+- A host batch is gathered row-wise, never parsed: this host's row indices are sorted (so reads go forward
+  through the files), split by shard, taken with ``np.take`` (one contiguous read per row per array) and
+  turned into the batch layout by one transpose of the id matrix. No per-example work, no TensorFlow.
+- Each host reads only its rows: the page cache pages in what ``np.take`` touches and nothing else.
+
+Why not TFRecord: the same batch-first TFRecord parse runs at ~0.3M examples/s on 2 cores (PLATFORM.md), the
+gather at several M/s (docs/DATASETS.md has the measurements). Random row access needs the shards in page
+cache or on local SSD; ``block_rows > 1`` permutes contiguous blocks of the (once-shuffled) split instead, for
+data on slower storage.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+import gin
+import numpy as np
+
+from ctr.data import allocator
+from ctr.data import dataset as dataset_lib
+from ctr.data import rows as rows_lib
+from ctr.data import schema as schema_lib
+from ctr.data import splits as splits_lib
+from ctr.data import vocab as vocab_lib
+
+METADATA = "metadata.json"
+ACCOUNTING = "accounting.json"
+FORMAT_VERSION = 1
+
+
+def schema_from_json(info: dict) -> schema_lib.FeatureSchema:
+    return schema_lib.FeatureSchema(
+        name=info["name"],
+        dense=tuple(info["dense"]),
+        categorical=tuple(info["categorical"]),
+        sequences=tuple(schema_lib.SequenceFeature(**s) for s in info["sequences"]),
+        group_key=info["group_key"],
+    )
+
+
+def schema_to_json(schema: schema_lib.FeatureSchema) -> dict:
+    return {
+        "name": schema.name,
+        "dense": list(schema.dense),
+        "categorical": list(schema.categorical),
+        "sequences": [{"name": s.name, "item_feature": s.item_feature, "max_len": s.max_len} for s in schema.sequences],
+        "group_key": schema.group_key,
+    }
+
+
+def read_metadata(data_dir: str) -> dict:
+    path = os.path.join(data_dir, METADATA)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: not a prepared dataset (run ctr.prepare first)")
+    with open(path) as f:
+        metadata = json.load(f)
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format version {metadata.get('format_version')}, expected {FORMAT_VERSION}")
+    return metadata
+
+
+class _Split:
+    """One split's shards, memory-mapped, addressed by a global row index."""
+
+    def __init__(self, data_dir: str, shards: list[dict], arrays: list[str]):
+        self.arrays = arrays
+        self.shards = [
+            {name: np.load(os.path.join(data_dir, f"{s['path']}.{name}.npy"), mmap_mode="r") for name in arrays}
+            for s in shards
+        ]
+        sizes = [s["rows"] for s in shards]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.num_rows = int(self.offsets[-1])
+
+    def gather(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The stored arrays at ``rows`` (sorted ascending), each ``[len(rows), ...]``."""
+        bounds = np.searchsorted(rows, self.offsets)
+        out = {}
+        for name in self.arrays:
+            first = self.shards[0][name]
+            out[name] = np.empty((len(rows),) + first.shape[1:], first.dtype)
+        for k in np.flatnonzero(np.diff(bounds)):
+            lo, hi = bounds[k], bounds[k + 1]
+            local = rows[lo:hi] - self.offsets[k]
+            for name in self.arrays:
+                np.take(self.shards[k][name], local, axis=0, out=out[name][lo:hi], mode="clip")  # clip: no buffering
+        return out
+
+
+class PreparedDataset:
+    """A prepared dataset behind the trainer's Dataset interface (see the module docstring).
+
+    Attributes:
+      schema: the batch schema.
+      metadata: the prepared directory's ``metadata.json``.
+    """
+
+    def __init__(self, data_dir: str, block_rows: int = 1):
+        allocator.keep_freed_memory()  # every batch allocates MBs of arrays (see ctr.data.allocator)
+        self.data_dir = data_dir
+        self.metadata = read_metadata(data_dir)
+        self.schema = schema_from_json(self.metadata["schema"])
+        self.block_rows = block_rows
+        arrays = self.metadata["arrays"]
+        self._splits = {
+            name: _Split(data_dir, info["shards"], arrays) for name, info in self.metadata["splits"].items()
+        }
+
+    def num_rows(self, split: str) -> int:
+        return self._splits[split].num_rows
+
+    def steps_per_epoch(self, global_batch: int) -> int:
+        return dataset_lib.steps_per_epoch(self.num_rows(splits_lib.TRAIN), global_batch)
+
+
+    def train_batches(
+        self, global_batch: int, start_step: int, seed: int, process_index: int = 0, process_count: int = 1
+    ) -> Iterator[rows_lib.Batch]:
+        """This host's part of every global training batch from ``start_step`` on, forever (see
+        :func:`ctr.data.dataset.train_rows`). Rows within a host batch come in file order."""
+        data = self._splits[splits_lib.TRAIN]
+        for rows in dataset_lib.train_rows(
+            data.num_rows, global_batch, start_step, seed, process_index, process_count, self.block_rows
+        ):
+            yield rows_lib.to_batch(self.schema, data.gather(np.sort(rows)))
+
+    def eval_batches(
+        self, split: str, batch_size: int, process_index: int = 0, process_count: int = 1
+    ) -> Iterator[tuple[rows_lib.Batch, int]]:
+        """The whole ``split`` in order, as (host batch, number of real rows); the last batch is padded with
+        row 0 to keep every batch ``batch_size // process_count`` rows."""
+        data = self._splits[split]
+        for rows, real in dataset_lib.eval_rows(self.num_rows(split), batch_size, process_index, process_count):
+            arrays = data.gather(rows[:real])  # ascending
+            if real < len(rows):
+                padding = data.gather(rows[real:])  # all row 0
+                arrays = {name: np.concatenate([arrays[name], padding[name]]) for name in arrays}
+            yield rows_lib.to_batch(self.schema, arrays), real
+
+
+@gin.configurable
+def prepared(data_dir: str = gin.REQUIRED, block_rows: int = 1) -> PreparedDataset:
+    """The prepared dataset in ``data_dir`` (written by ``ctr.prepare``).
+
+    Args:
+      data_dir: the prepare step's ``--out_dir``.
+      block_rows: 1 = each epoch is an exact permutation of the train rows; >1 = a permutation of blocks of
+        that many consecutive rows (the split was shuffled once at prepare time), for storage where random
+        reads are slow.
+    """
+    return PreparedDataset(data_dir, block_rows)
+
+
+@gin.configurable
+def vocab_sizes(data_dir: str = gin.REQUIRED) -> dict[str, int]:
+    """Per-feature table sizes from a prepared dataset's vocabulary (kept values + 1 OOV), for
+    ``per_feature_tables.buckets_per_feature = @vocab_sizes()``. Sequences with their own ids included."""
+    metadata = read_metadata(data_dir)
+    if not metadata.get("vocab"):
+        raise ValueError(f"{data_dir} was prepared without a vocabulary (set the dataset's Processing.min_count)")
+    sizes = vocab_lib.Vocabulary.load(data_dir).sizes()
+    schema = schema_from_json(metadata["schema"])
+    return {key: sizes[name] for key, name in vocab_lib.vocab_features(schema).items()
+            if not any(s.name == key and s.item_feature for s in schema.sequences)}

@@ -1,0 +1,302 @@
+"""Prepare a dataset: raw files -> shuffled, split, fixed-width numpy shards + vocabulary + row accounting.
+
+    python -m ctr.prepare --dataset=criteo --raw_dir=/data/criteo --out_dir=/data/criteo_prepared \\
+        --gin_file=configs/criteo_data.gin
+    bazel run //ctr:prepare -- --dataset=avazu --raw_dir=... --out_dir=...   (relative paths: from where you ran it)
+
+Three passes, memory bounded by one shuffle bucket whatever the input size:
+
+1. Stream the raw files through the dataset's reader (:mod:`ctr.data.criteo`, ``avazu``, ``taobao``), which
+   parses, validates and fingerprints them block by block. Each row goes to one of ``K`` temporary bucket
+   files chosen by a hash of (seed, row ordinal), ``K`` sized so a bucket is ~``--shard_mib`` MiB.
+2. Per bucket: assign each row its split (:mod:`ctr.data.splits`), count vocabulary values of train rows,
+   permute each split's rows (seeded) and write them as one shard per split. Random buckets + a random
+   permutation within each is a uniform shuffle of the whole split.
+3. With a vocabulary (``Processing.min_count > 0``): keep the values seen at least ``min_count`` times in
+   train, and rewrite every shard's rare ids to the OOV id in place.
+
+The output directory gets ``metadata.json`` (schema, shards, splits, options; written last, so a directory
+with it is complete), ``accounting.json`` (rows read, written per split, rejected by reason) and
+``vocab/`` when asked. The prepared data is read by :func:`ctr.data.prepared.prepared`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Sequence
+
+import gin
+import numpy as np
+from absl import app, flags
+
+from ctr.data import avazu, criteo, prepared, raw, splits, taobao
+from ctr.data import rows as rows_lib
+from ctr.data import schema as schema_lib
+from ctr.data import vocab as vocab_lib
+
+DATASETS = {"criteo": criteo, "avazu": avazu, "taobao": taobao}
+DEFAULT_SPLIT = {"criteo": "random", "avazu": "random", "taobao": "time"}
+DEFAULT_VALID = {"criteo": "half", "avazu": "half", "taobao": "test"}
+DEFAULT_TEST_DAY = {"taobao": taobao.TEST_DAY}
+_MAX_BUCKETS = 256  # open temporary files at once
+
+FLAGS = flags.FLAGS
+
+def prepare(
+    dataset: str,
+    raw_dir: str,
+    out_dir: str,
+    spec: splits.SplitSpec,
+    seed: int = 0,
+    max_bad_rows: int = 0,
+    shard_bytes: int = 512 << 20,
+    threads: int = 2,
+    tmp_dir: str | None = None,
+    emit: raw.Emit = logging.info,
+) -> dict:
+    """Prepares ``dataset`` from ``raw_dir`` into ``out_dir`` (see the module docstring); returns the metadata.
+
+    The dataset's ``Processing`` (int buckets, vocabulary ``min_count``, TaobaoAds ``max_len``) comes from gin.
+
+    Raises:
+      raw.ParseError: bad input beyond ``max_bad_rows`` (naming file, line and field), or missing inputs.
+      FileExistsError: ``out_dir`` is not empty.
+    """
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir}: output directory is not empty (remove it to prepare again)")
+    module = DATASETS[dataset]
+    processing = module.Processing()
+    os.makedirs(out_dir, exist_ok=True)
+    if tmp_dir:
+        os.makedirs(tmp_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".prepare-", dir=tmp_dir or out_dir)
+    accounting = raw.RowAccounting(max_bad_rows)
+    start = time.monotonic()
+    try:
+        source = module.open_raw(raw_dir, accounting, processing, spec.kind == "time", threads, emit, tmp)
+        buckets, last_day = _write_buckets(source, seed, shard_bytes, tmp)
+        emit(f"{dataset}: read {sum(b.rows for b in buckets):,} rows into {len(buckets)} shuffle buckets "
+             f"in {time.monotonic() - start:.0f}s; writing shards")  # fmt: skip
+        vocab_names = sorted(set(vocab_lib.vocab_features(source.schema).values()))
+        counter = vocab_lib.Counter(vocab_names) if processing.min_count > 0 else None
+        shards = _write_shards(source.schema, buckets, spec, seed, last_day, out_dir, counter, accounting, emit)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    vocab = None
+    if counter is not None:
+        vocab = vocab_lib.Vocabulary.from_counter(counter, vocab_names, processing.min_count)
+        _apply_vocab(source.schema, vocab, out_dir, shards, emit)
+        vocab.save(out_dir)
+    if spec.valid_is_test:
+        shards[splits.VALID] = shards[splits.TEST]
+    _check_balance(accounting, source.main_input)
+    metadata = {
+        "format_version": prepared.FORMAT_VERSION,
+        "dataset": dataset,
+        "schema": prepared.schema_to_json(source.schema),
+        "arrays": [name for name in rows_lib.STORED if name in _record_dtype(source.schema).names],
+        "splits": {
+            name: {"rows": sum(s["rows"] for s in shards[name]), "shards": shards[name]} for name in splits.NAMES
+        },
+        "valid_is_test": spec.valid_is_test,
+        "split": {"kind": spec.kind, "fractions": list(spec.fractions),
+                  "test_day": last_day if spec.test_day is None else spec.test_day,
+                  "valid": spec.valid, "seed": seed},  # fmt: skip
+        "processing": {k: getattr(processing, k) for k in processing.__dataclass_fields__},
+        "vocab": None if vocab is None else {"min_count": vocab.min_count, "sizes": vocab.sizes()},
+        "raw_dir": os.path.abspath(raw_dir),
+        "accounting": accounting.to_json(),
+    }
+    with open(os.path.join(out_dir, prepared.ACCOUNTING), "w") as f:
+        json.dump(accounting.to_json(), f, indent=1)
+    with open(os.path.join(out_dir, prepared.METADATA + ".partial"), "w") as f:
+        json.dump(metadata, f, indent=1)
+    os.replace(os.path.join(out_dir, prepared.METADATA + ".partial"), os.path.join(out_dir, prepared.METADATA))
+    emit(f"{dataset}: done in {time.monotonic() - start:.0f}s\n{accounting.summary()}")
+    return metadata
+
+
+class _Bucket:
+    def __init__(self, path: str):
+        self.path, self.rows, self.file = path, 0, open(path, "wb")
+
+
+def _record_dtype(schema: schema_lib.FeatureSchema) -> np.dtype:
+    fields = [("ordinal", "<i8"), ("day", "<i8"), ("label", "<f4"), ("dense", "<f4", (len(schema.dense),)),
+              ("ids", "<i8", (len(schema.categorical),))]  # fmt: skip
+    if schema.sequences:
+        fields += [("seq", "<i8", (len(schema.sequences), schema.sequences[0].max_len)), ("seq_len", "<i4")]
+    if schema.group_key is not None:
+        fields.append(("group", "<i8"))
+    return np.dtype(fields)
+
+
+def _write_buckets(source: raw.RawSource, seed: int, shard_bytes: int, tmp: str) -> tuple[list[_Bucket], int]:
+    """Pass 1: every row into a random temporary bucket; returns the buckets and the last day seen."""
+    dtype = _record_dtype(source.schema)
+    count = int(np.clip(math.ceil(source.estimated_rows * dtype.itemsize / shard_bytes), 1, _MAX_BUCKETS))
+    buckets = [_Bucket(os.path.join(tmp, f"bucket-{k:05d}.bin")) for k in range(count)]
+    ordinal, last_day = 0, -1
+    try:
+        for rows in source.rows:
+            n = len(rows)
+            records = np.empty(n, dtype)
+            records["ordinal"] = np.arange(ordinal, ordinal + n)
+            for name, values in {"day": rows.day, **rows.arrays()}.items():
+                records[name] = values
+            ordinal += n
+            if n:
+                last_day = max(last_day, int(rows.day.max()))
+            which = (splits.uniform(records["ordinal"], seed, stream=3) * count).astype(np.int64)
+            order = np.argsort(which, kind="stable")
+            bounds = np.searchsorted(which[order], np.arange(count + 1))
+            for k in np.flatnonzero(np.diff(bounds)):
+                records[order[bounds[k] : bounds[k + 1]]].tofile(buckets[k].file)
+                buckets[k].rows += int(bounds[k + 1] - bounds[k])
+    finally:
+        for b in buckets:
+            b.file.close()
+    return buckets, last_day
+
+
+def _write_shards(
+    schema: schema_lib.FeatureSchema,
+    buckets: list[_Bucket],
+    spec: splits.SplitSpec,
+    seed: int,
+    last_day: int,
+    out_dir: str,
+    counter: vocab_lib.Counter | None,
+    accounting: raw.RowAccounting,
+    emit: raw.Emit,
+) -> dict[str, list[dict]]:
+    """Pass 2: per bucket, split, count train vocabulary, permute, write one shard per split."""
+    shards: dict[str, list[dict]] = {name: [] for name in splits.NAMES}
+    progress = raw.Progress("writing shards", None, emit)
+    vocab_of = vocab_lib.vocab_features(schema)
+    for k, bucket in enumerate(buckets):
+        records = np.fromfile(bucket.path, _record_dtype(schema))
+        os.remove(bucket.path)
+        split = splits.assign(spec, records["day"], records["ordinal"], seed, last_day)
+        for s, name in enumerate(splits.NAMES):
+            part = records[split == s]
+            if not len(part):
+                continue
+            part = part[np.random.default_rng([seed, k, s]).permutation(len(part))]
+            if counter is not None and name == splits.TRAIN:
+                _count(schema, vocab_of, counter, part)
+            os.makedirs(os.path.join(out_dir, name), exist_ok=True)
+            path = f"{name}/{k:05d}"
+            for array in (a for a in rows_lib.STORED if a in part.dtype.names):
+                np.save(os.path.join(out_dir, f"{path}.{array}.npy"), np.ascontiguousarray(part[array]))
+            shards[name].append({"path": path, "rows": len(part)})
+            accounting.write(name, len(part))
+        progress.update(len(records))
+    progress.done()
+    return shards
+
+
+def _count(
+    schema: schema_lib.FeatureSchema, vocab_of: dict[str, str], counter: vocab_lib.Counter, part: np.ndarray
+) -> None:
+    for j, name in enumerate(schema.categorical):
+        counter.add(vocab_of[name], part["ids"][:, j])
+    if schema.sequences:
+        real = rows_lib.sequence_mask(part["seq_len"], schema.sequences[0].max_len)
+        for s, seq in enumerate(schema.sequences):
+            counter.add(vocab_of[seq.name], part["seq"][:, s][real])
+
+
+def _apply_vocab(
+    schema: schema_lib.FeatureSchema, vocab: vocab_lib.Vocabulary, out_dir: str, shards: dict[str, list[dict]],
+    emit: raw.Emit,
+) -> None:
+    """Pass 3: rare ids -> OOV, in place, in every shard."""
+    vocab_of = vocab_lib.vocab_features(schema)
+    progress = raw.Progress("applying vocabulary", None, emit)
+    for name in splits.NAMES:
+        for shard in shards[name]:
+            ids = np.load(os.path.join(out_dir, f"{shard['path']}.ids.npy"), mmap_mode="r+")
+            for j, feature in enumerate(schema.categorical):
+                ids[:, j] = vocab.apply(vocab_of[feature], ids[:, j])
+            ids.flush()
+            if schema.sequences:
+                seq = np.load(os.path.join(out_dir, f"{shard['path']}.seq.npy"), mmap_mode="r+")
+                seq_len = np.load(os.path.join(out_dir, f"{shard['path']}.seq_len.npy"))
+                real = rows_lib.sequence_mask(seq_len, schema.sequences[0].max_len)
+                for s, sequence in enumerate(schema.sequences):
+                    seq[:, s] = np.where(real, vocab.apply(vocab_of[sequence.name], seq[:, s]), 0)
+                seq.flush()
+            progress.update(shard["rows"])
+    progress.done()
+
+
+def _check_balance(accounting: raw.RowAccounting, main_input: str) -> None:
+    """Every row read is written once or rejected: nothing is dropped silently."""
+    written = sum(accounting.written.values())
+    read = accounting.read_rows[main_input]
+    rejected = accounting.total_rejected(main_input)
+    if read != written + rejected:
+        raise AssertionError(f"row accounting does not balance: read {read} != written {written} + rejected {rejected}")
+
+
+def _define_flags() -> None:
+    """The command line (defined only when run as a program, so importing this module defines no flags)."""
+    flags.DEFINE_enum("dataset", None, sorted(DATASETS), "Which raw layout to read.")
+    flags.DEFINE_string("raw_dir", None, "Directory of the raw files (see docs/DATASETS.md).")
+    flags.DEFINE_string("out_dir", None, "Directory to write the prepared data to (must be empty or absent).")
+    flags.DEFINE_enum("split", None, ["random", "time"],
+                      "Split protocol; default random (Criteo, Avazu), time (TaobaoAds).")  # fmt: skip
+    flags.DEFINE_list("split_fractions", ["0.8", "0.1", "0.1"], "train,valid,test fractions of the random split.")
+    flags.DEFINE_integer("test_day", None, "time split: the test day (YYYYMMDD; Criteo: day index); default last day "
+                         "(TaobaoAds: 20170513).")
+    flags.DEFINE_string("valid", None, "time split: 'half' (a random half of the test day), 'test' (valid = test) or a "
+                        "day; default half (TaobaoAds: test, as BARS).")
+    flags.DEFINE_integer("seed", 0, "Shuffle and split seed.")
+    flags.DEFINE_integer("max_bad_rows", 0, "Bad rows to skip (and count) before failing; 0: the first bad row fails.")
+    flags.DEFINE_integer("shard_mib", 512, "Target shard (and shuffle bucket, i.e. memory) size in MiB.")
+    flags.DEFINE_integer("threads", 2, "Parser threads.")
+    flags.DEFINE_string("tmp_dir", None, "Directory for temporary files (default: out_dir).")
+    flags.DEFINE_multi_string("gin_file", [], "Gin files with the dataset's Processing bindings "
+                              "(configs/<dataset>_data.gin).")  # fmt: skip
+    flags.DEFINE_multi_string("gin_param", [], "Extra gin bindings, e.g. 'criteo.Processing.min_count = 10'.")
+
+
+def _resolve(path: str) -> str:
+    """Relative paths are taken from where the user ran ``bazel run`` (BUILD_WORKING_DIRECTORY)."""
+    return os.path.join(os.environ.get("BUILD_WORKING_DIRECTORY", ""), os.path.expanduser(path))
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # The data configs also bind training-time settings (train.dataset_fn...): only Processing matters here.
+    gin.parse_config_files_and_bindings([_resolve(f) for f in FLAGS.gin_file], FLAGS.gin_param, skip_unknown=True)
+    dataset = FLAGS.dataset
+    spec = splits.SplitSpec(
+        kind=FLAGS.split or DEFAULT_SPLIT[dataset],
+        fractions=tuple(float(f) for f in FLAGS.split_fractions),
+        test_day=FLAGS.test_day if FLAGS.test_day is not None else DEFAULT_TEST_DAY.get(dataset),
+        valid=FLAGS.valid or DEFAULT_VALID[dataset],
+    )
+
+    def emit(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        prepare(dataset, _resolve(FLAGS.raw_dir), _resolve(FLAGS.out_dir), spec, FLAGS.seed, FLAGS.max_bad_rows,
+                FLAGS.shard_mib << 20, FLAGS.threads, FLAGS.tmp_dir and _resolve(FLAGS.tmp_dir), emit)  # fmt: skip
+    except (raw.ParseError, FileExistsError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    flags.mark_flags_as_required(["dataset", "raw_dir", "out_dir"])
+    app.run(main)

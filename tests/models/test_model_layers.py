@@ -1,0 +1,123 @@
+"""Shared layers and the DCNv2 / DLRM / DHEN structure (cheap: mostly eager math and traced shapes)."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ctr.models.layers import MultiHeadAttention, SelfGating, masked_mean, pairwise_dots, rotary
+from models_testlib import gin_config, host_init, make_inputs, tiny_model
+
+RNG = np.random.default_rng(0)
+
+
+def param_shapes(model, inputs):
+    return jax.tree.map(lambda x: x.shape, jax.eval_shape(model.init, jax.random.key(0), inputs)["params"])
+
+
+def test_pairwise_dots_are_the_distinct_pairs():
+    x = jnp.asarray(RNG.normal(size=(2, 4, 3)), jnp.float32)
+    expected = [[float(x[b, i] @ x[b, j]) for i, j in itertools.combinations(range(4), 2)] for b in range(2)]
+    np.testing.assert_allclose(pairwise_dots(x), expected, rtol=1e-5)
+
+
+def test_rotary_preserves_norms_and_depends_on_relative_positions():
+    q = jnp.asarray(RNG.normal(size=(1, 1, 1, 8)), jnp.float32)
+    k = jnp.asarray(RNG.normal(size=(1, 1, 1, 8)), jnp.float32)
+
+    def score(m, n):
+        return float((rotary(q, jnp.array([[m]])) * rotary(k, jnp.array([[n]]))).sum())
+
+    np.testing.assert_allclose(jnp.linalg.norm(rotary(q, jnp.array([[5]]))), jnp.linalg.norm(q), rtol=1e-5)
+    assert score(3, 1) == pytest.approx(score(12, 10), rel=1e-4)
+    assert score(3, 1) != pytest.approx(score(3, 2), rel=1e-3)
+
+
+def test_attention_ignores_masked_keys_and_zeroes_queries_without_keys():
+    layer = MultiHeadAttention(num_heads=2)
+    q = jnp.asarray(RNG.normal(size=(2, 3, 4)), jnp.float32)
+    kv = jnp.asarray(RNG.normal(size=(2, 5, 4)), jnp.float32)
+    mask = jnp.array([[True, True, False, False, True], [False] * 5])
+    params = layer.init(jax.random.key(0), q, kv, mask)
+    out = layer.apply(params, q, kv, mask)
+    changed = layer.apply(params, q, kv.at[:, 2:4].set(100.0).at[1].set(-7.0), mask)
+    np.testing.assert_allclose(changed, out, rtol=1e-6)
+    bias = params["params"]["out"]["bias"]
+    np.testing.assert_allclose(out[1], jnp.broadcast_to(bias, (3, 4)), atol=1e-6)  # no key: only the out bias
+
+
+def test_masked_mean():
+    seq = jnp.arange(6.0).reshape(1, 3, 2) * jnp.ones((2, 1, 1))
+    mask = jnp.array([[False, True, True], [False, False, False]])
+    np.testing.assert_allclose(masked_mean(seq, mask), [[3.0, 4.0], [0.0, 0.0]])
+
+
+def test_dcnv2_low_rank_and_mixture_of_experts():
+    inputs = make_inputs(sequences=False)
+    width = 8 + 8 + 4 + 3
+    low = param_shapes(tiny_model("dcnv2", cross_rank=4), inputs)
+    assert low["cross_0"]["v"]["kernel"] == (width, 4) and low["cross_0"]["u"]["kernel"] == (4, width)
+    mix = param_shapes(tiny_model("dcnv2", cross_rank=4, num_experts=3), inputs)
+    assert mix["cross_0"]["v"] == (3, width, 4) and mix["cross_0"]["c"] == (3, 4, 4)
+    assert mix["cross_0"]["u"] == (3, 4, width) and mix["cross_0"]["gate"]["kernel"] == (width, 3)
+    with pytest.raises(ValueError, match="cross_rank"):
+        param_shapes(tiny_model("dcnv2", num_experts=3), inputs)
+    model = tiny_model("dcnv2", cross_rank=4, num_experts=3, structure="parallel")
+    out = jax.jit(model.apply)(host_init(model, inputs), inputs)
+    assert out.shape == (inputs.batch_size,) and np.isfinite(np.asarray(out)).all()
+
+
+def test_dcnv2_parallel_concatenates_cross_and_deep_outputs():
+    shapes = param_shapes(tiny_model("dcnv2", structure="parallel"), make_inputs())
+    # Mean-pooled sequences (8 + 8 + 4 wide) are appended to the 23 input features.
+    assert shapes["cross_0"]["w"]["kernel"] == (43, 43)
+    assert shapes["logit"]["kernel"] == (43 + 16, 1)
+    no_pool = param_shapes(tiny_model("dcnv2", pool_sequences=False), make_inputs())
+    assert no_pool["cross_0"]["w"]["kernel"] == (23, 23)
+
+
+@pytest.mark.parametrize("with_dense", [True, False])
+def test_dlrm_top_mlp_reads_the_bottom_output_and_the_distinct_pairs(with_dense):
+    inputs = make_inputs(sequences=False, dense=with_dense)
+    shapes = param_shapes(tiny_model("dlrm"), inputs)
+    n = 3 + int(with_dense)  # vectors: bottom-MLP output (with dense), 3 features
+    assert shapes["top_mlp"]["dense_0"]["kernel"] == (8 * with_dense + n * (n - 1) // 2, 16)
+    assert ("bottom_mlp" in shapes["tokens"]) == with_dense
+
+
+@pytest.mark.parametrize("modules,ensemble", [(("dot", "dcn"), "concat"), (("dot", "dcn", "attention"), "sum")])
+def test_dhen_layers_ensemble_their_modules(modules, ensemble):
+    inputs = make_inputs(sequences=False)
+    with gin_config(f"DHEN.modules = {modules!r}", f"DHEN.ensemble = {ensemble!r}", "DHEN.dcn_rank = 2"):
+        model = tiny_model("dhen", num_layers=2)
+        shapes = param_shapes(model, inputs)
+        out = jax.jit(model.apply)(host_init(model, inputs), inputs)
+    layer = shapes["dhen"]["layer_1"]
+    assert set(modules) <= set(layer)
+    assert ("ensemble" in layer) == (ensemble == "concat")
+    assert layer["dcn"]["cross"]["v"]["kernel"] == (4 * 8, 2)  # 4 tokens of width 8, flattened
+    assert np.isfinite(np.asarray(out)).all()
+
+
+def test_dhen_rejects_unknown_modules():
+    with gin_config("DHEN.modules = ('dot', 'fm')"), pytest.raises(ValueError, match="unknown DHEN module"):
+        param_shapes(tiny_model("dhen"), make_inputs(sequences=False))
+
+
+@pytest.mark.parametrize("form", ["paper", "glu"])
+def test_self_gating_forms(form):
+    x = jnp.asarray(RNG.normal(size=(4, 3, 2)), jnp.float32)
+    layer = SelfGating(form=form)
+    params = layer.init(jax.random.key(0), x)
+    # The paper form's gate bias starts at one, so the gate starts monotone in X (see SelfGating).
+    expected_bias = 1.0 if form == "paper" else 0.0
+    np.testing.assert_array_equal(params["params"]["gate"]["bias"], np.full(6, expected_bias))
+    out = layer.apply(params, x)
+    assert out.shape == x.shape
+    if form == "paper":
+        assert ((out > 0) & (out < 1)).all()
+    else:
+        np.testing.assert_array_equal(np.sign(out), np.sign(x))
+    with pytest.raises(ValueError, match="gating form"):
+        SelfGating(form="tanh").init(jax.random.key(0), x)
