@@ -51,10 +51,6 @@ def batch_sharding(mesh: Mesh, rules: dict[str, tuple[str, ...]], ndim: int = 1)
     return NamedSharding(mesh, P(rules["batch"], *([None] * (ndim - 1))))
 
 
-def table_sharding(mesh: Mesh, rules: dict[str, tuple[str, ...]], ndim: int = 2) -> NamedSharding:
-    return NamedSharding(mesh, P(rules["table_rows"] or None, *([None] * (ndim - 1))))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -58,6 +58,7 @@ class CTRModule(nn.Module):
     collection: Any
     network: nn.Module
 
+    @nn.compact
     def __call__(self, rows: Batch, batch: Batch, *, train: bool) -> Any:
         return self.network(self.collection.combine(rows, batch), train=train)
 
@@ -191,7 +192,7 @@ def train(
 
     dataset = dataset_fn()
     schema = dataset.schema
-    collection = embedding_fn(schema)
+    collection = embedding_fn(schema).with_mesh(mesh, rules["table_rows"])
     network = model_zoo.get(model_name)()
     module = CTRModule(collection=collection, network=network)
     tx = optimizers.dense_optimizer()
@@ -221,12 +222,19 @@ def train(
         step=sharding.replicated(mesh),
         params=jax.tree.map(lambda _: sharding.replicated(mesh), abstract.params),
         opt_state=jax.tree.map(lambda _: sharding.replicated(mesh), abstract.opt_state),
-        tables=jax.tree.map(lambda x: sharding.table_sharding(mesh, rules, x.ndim), abstract.tables),
-        table_slots=jax.tree.map(lambda x: sharding.table_sharding(mesh, rules, x.ndim), abstract.table_slots),
+        tables=collection.table_shardings(),
+        table_slots=collection.slot_shardings(abstract.table_slots),
         rng=sharding.replicated(mesh),
     )
     state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(seed))
-    num_params = {"dense": _count(state.params), "embedding": _count(state.tables)}
+    # Embedding parameters as the family defines them (table rows incl. alignment padding, DHE networks); DHE
+    # networks live in ``params`` too, so they are subtracted from the dense count.
+    embedding_params = collection.num_parameters()
+    num_params = {
+        "dense": _count(state.params) - (embedding_params - _count(state.tables)),
+        "embedding": embedding_params,
+        "embedding_bytes": collection.parameter_bytes(),
+    }
 
     ckpt = checkpointing.Checkpointer(os.path.join(run_dir, "checkpoints"))
     record = {"examples_seen": 0, "train_wall_s": 0.0}

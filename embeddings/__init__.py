@@ -4,7 +4,7 @@ Embedding, DHE) with sharded lookups and sparse optimizers. See ``embeddings/REA
 Importing the package registers every gin configurable of it (``build_collection``, ``per_feature_tables``,
 ``PerFeature``, ``Unified``, ``DHE``, ``LookupOptions``, the sparse optimizers).
 """
-from embeddings import dhe, per_feature, sparse_optim, specs, unified  # noqa: F401  (gin registration)
+from embeddings import dhe, per_feature, sparse_optim, specs, towers, unified  # noqa: F401  (gin registration)
 from embeddings.collection import EmbeddingCollection
 from embeddings.dhe import DHE
 from embeddings.per_feature import PerFeature, per_feature_tables

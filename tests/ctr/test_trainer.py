@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from ctr import checkpointing, models, train as train_cli, trainer
+from ctr import checkpointing, train as train_cli, trainer
 from ctr.data import dataset as dataset_lib
 
 TINY = os.path.join(os.path.dirname(__file__), "tiny.gin")
@@ -37,7 +37,8 @@ def test_run_writes_results_metrics_plots_and_tensorboard(tiny, tmp_path):
     on_disk = json.load(open(os.path.join(run_dir, "results.json")))
     assert on_disk["test"]["auc"] == pytest.approx(results["test"]["auc"])
     assert results["examples_seen"] == 40 * 256
-    assert results["num_params"]["embedding"] == 26 * 500 * 8
+    # 26 features stacked in one 8-wide table, rows aligned to 256 (build_collection.row_alignment).
+    assert results["num_params"]["embedding"] == -(-26 * 500 // 256) * 256 * 8
     assert results["test"]["num_examples"] == 600  # the whole split, padding excluded
     assert results["test"]["auc"] > 0.6  # learns the synthetic signal in 40 steps (~0.66)
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
@@ -47,12 +48,23 @@ def test_run_writes_results_metrics_plots_and_tensorboard(tiny, tmp_path):
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["20", "30", "40"]  # keep=3
 
 
-@pytest.mark.parametrize("name", models.names())
-def test_one_train_step_on_every_registered_model(tiny, tmp_path, name):
-    tiny(f'train.model_name = "{name}"', "train.num_steps = 1", "train.log_every = 1",
-         'train.final_eval_splits = ("test",)')
-    results = trainer.train(run_dir=str(tmp_path / name))
-    assert results["steps"] == 1 and np.isfinite(results["test"]["logloss"])
+def test_cetnet_towers_train_with_their_own_tables(tiny, tmp_path):
+    """The ensemble path through the trainer: per-tower collections, dict outputs, the ensemble's own loss.
+
+    (One step of every registered model on its own is tests/models/test_model_contract.py.)"""
+    tiny('train.model_name = "cetnet"', "train.num_steps = 2", "train.log_every = 1",
+         'train.final_eval_splits = ("test",)',
+         "train.embedding_fn = @tower_collections",
+         'tower_collections.towers = {"interformer": @interformer/per_feature_tables, '
+         '"dhen": @dhen/per_feature_tables}',
+         "interformer/per_feature_tables.dim = 4",
+         "interformer/InterFormer.num_layers = 1", "interformer/InterFormer.dim = 8",
+         "interformer/InterFormer.head = (8,)", "dhen/DHENModel.dim = 8", "dhen/DHENModel.head = (8,)")
+    run_dir = str(tmp_path / "cetnet")
+    results = trainer.train(run_dir=run_dir)
+    assert results["steps"] == 2 and np.isfinite(results["test"]["logloss"])
+    rows = -(-26 * 500 // 256) * 256
+    assert results["num_params"]["embedding"] == rows * 4 + rows * 8  # each tower its own tables
 
 
 class _PoisonedDataset(dataset_lib.Dataset):
