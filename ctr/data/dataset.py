@@ -170,11 +170,11 @@ def synthetic_criteo(
       int_buckets: also use the integer columns as bucketised categorical features.
       split_fractions: train/valid/test fractions.
     """
-    name = f"criteo_synthetic_{num_rows}_{seed}.txt"
-    path = _generated(data_dir, name, lambda p: criteo.write_synthetic(p, num_rows, seed))
-    rows = rows_lib.Rows.concat(list(criteo.read([path], raw.RowAccounting(), int_buckets=int_buckets)))
-    schema = criteo.feature_schema(int_buckets=int_buckets)
-    return Dataset(schema=schema, splits=split_random(rows_lib.to_batch(schema, rows.arrays()), split_fractions, seed))
+    path = _generated(
+        data_dir, f"criteo_synthetic_{num_rows}_{seed}.txt", lambda p: criteo.write_synthetic(p, num_rows, seed)
+    )
+    rows = criteo.read([path], raw.RowAccounting(), int_buckets=int_buckets)
+    return _split_at_random(criteo.feature_schema(int_buckets=int_buckets), rows, split_fractions, seed)
 
 
 @gin.configurable
@@ -186,10 +186,14 @@ def synthetic_avazu(
 ) -> Dataset:
     """Synthetic data in the raw Avazu layout (:func:`ctr.data.avazu.write_synthetic`), generated once into
     ``data_dir``, parsed by the real Avazu parser and split at random 8:1:1."""
-    name = f"avazu_synthetic_{num_rows}_{seed}.csv"
-    path = _generated(data_dir, name, lambda p: avazu.write_synthetic(p, num_rows, seed))
-    rows = rows_lib.Rows.concat(list(avazu.read([path], raw.RowAccounting())))
-    schema = avazu.feature_schema()
+    path = _generated(
+        data_dir, f"avazu_synthetic_{num_rows}_{seed}.csv", lambda p: avazu.write_synthetic(p, num_rows, seed)
+    )
+    return _split_at_random(avazu.feature_schema(), avazu.read([path], raw.RowAccounting()), split_fractions, seed)
+
+
+def _split_at_random(schema, row_blocks, split_fractions, seed) -> Dataset:
+    rows = rows_lib.Rows.concat(list(row_blocks))
     return Dataset(schema=schema, splits=split_random(rows_lib.to_batch(schema, rows.arrays()), split_fractions, seed))
 
 
