@@ -21,5 +21,8 @@ def pytest_test(name, srcs, deps = [], data = [], args = [], size = "medium", **
         args = args + ["$(location %s)" % s for s in srcs if s.split("/")[-1].startswith("test_")],
         size = size,
         python_version = "PY3",
+        # Bazel's generated __init__.py files would make test folders packages, hiding shared test helpers
+        # (models_testlib.py, ...) from pytest's rootdir-relative imports.
+        legacy_create_init = False,
         **kwargs
     )
