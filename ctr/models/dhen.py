@@ -142,6 +142,7 @@ class DHENModel(nn.Module):
       activation: head activation name.
       dropout: head dropout.
       pool_sequences: add each behaviour sequence, mean-pooled, as a token.
+      token_norm: layer-normalise the feature tokens (see ``FeatureTokens.normalize``).
       dtype: compute dtype (``"bfloat16"`` for mixed precision; parameters stay float32).
     """
 
@@ -151,13 +152,16 @@ class DHENModel(nn.Module):
     activation: str = "relu"
     dropout: float = 0.0
     pool_sequences: bool = True
+    token_norm: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, inputs: ModelInputs, *, train: bool = False) -> jax.Array:
         dtype = jnp.dtype(self.dtype)
         act = activation_fn(self.activation)
-        tokens = FeatureTokens(self.dim, pool_sequences=self.pool_sequences, dtype=dtype, name="tokens")(inputs)
+        tokens = FeatureTokens(
+            self.dim, pool_sequences=self.pool_sequences, normalize=self.token_norm, dtype=dtype, name="tokens"
+        )(inputs)
         x = DHEN(num_layers=self.num_layers, dtype=dtype, name="dhen")(tokens)
         head = MLP((*self.head, 1), act, dropout=self.dropout, activate_last=False, dtype=dtype, name="head")
         return head(x.reshape(x.shape[0], -1), train=train)[..., 0].astype(jnp.float32)

@@ -14,7 +14,8 @@ Block ``l`` (paper §4.2-4.4 and Algorithm 1):
 
 - Cross Arch: ``X_sum = Gating(MLP(X))  [B, C, d]`` (:class:`NonSequenceSummary`) and
   ``S_sum = Gating([S_CLS || PMA(S) || S_recent])  [B, C+P+K, d]`` (:class:`SequenceSummary`), with
-  ``Gating(Z) = sigmoid(Z * MLP(Z))`` as in the paper.
+  ``Gating(Z) = sigmoid(Z * MLP(Z))`` as in the paper, or (the default, ``gating="glu"``) ``Z * sigmoid(MLP(Z))``,
+  because the paper's form did not train on our data (see ``SelfGating``).
 - Interaction Arch: ``X' = MLP(Interaction([X || S_sum]))``: a DHEN stack over the ``n + C+P+K`` tokens, then a
   linear map over the token axis back to ``n`` tokens, added to ``X`` and layer-normed.
 - Sequence Arch: ``S' = MHA(PFFN(X_sum, S))`` with ``PFFN(X_sum, S) = (X_sum W) S`` (a per-example ``d x d``
@@ -122,7 +123,7 @@ class NonSequenceSummary(nn.Module):
     """Cross Arch, non-sequence side: ``X_sum = Gating(MLP(X))``, ``[B, n, d] -> [B, C, d]`` (sown as ``x_sum``)."""
 
     num_tokens: int
-    gating: str = "paper"
+    gating: str = "glu"
     gate_hidden: Sequence[int] = ()
     activation: Activation = nn.swish
     dtype: jnp.dtype = jnp.float32
@@ -149,7 +150,7 @@ class SequenceSummary(nn.Module):
     num_pma: int
     num_recent: int
     num_heads: int
-    gating: str = "paper"
+    gating: str = "glu"
     gate_hidden: Sequence[int] = ()
     activation: Activation = nn.swish
     dtype: jnp.dtype = jnp.float32
@@ -226,11 +227,13 @@ class InterFormer(nn.Module):
       num_pma: PMA tokens ``P`` (paper: 2; 0 removes them).
       num_recent: most recent event tokens ``K`` (paper: 2; 0 removes them).
       dhen_layers: DHEN layers inside each block's interaction arch (the rest is bound on ``DHEN``).
-      gating: ``"paper"`` (``sigmoid(X * MLP(X))``) or ``"glu"`` (``X * sigmoid(MLP(X))``), see ``SelfGating``.
+      gating: ``"glu"`` (``X * sigmoid(MLP(X))``, default) or ``"paper"`` (``sigmoid(X * MLP(X))``, the paper's
+        equation, which did not train on our synthetic TaobaoAds data), see ``SelfGating``.
       gate_hidden: hidden widths of the gating MLPs.
       head: hidden widths of the head MLP (paper: 1024, 512, 256, 128).
       activation: activation name (paper: swish).
       dropout: head dropout.
+      token_norm: layer-normalise the feature tokens (see ``FeatureTokens.normalize``).
       rope_base: rotary frequency base.
       dtype: compute dtype (``"bfloat16"`` for mixed precision; parameters stay float32).
     """
@@ -242,11 +245,12 @@ class InterFormer(nn.Module):
     num_pma: int = 2
     num_recent: int = 2
     dhen_layers: int = 1
-    gating: str = "paper"
+    gating: str = "glu"
     gate_hidden: Sequence[int] = ()
     head: Sequence[int] = (1024, 512, 256, 128)
     activation: str = "swish"
     dropout: float = 0.0
+    token_norm: bool = True
     rope_base: float = 10000.0
     dtype: Any = jnp.float32
 
@@ -270,7 +274,7 @@ class InterFormer(nn.Module):
             )(s, mask)
             return x_sum, s, mask, s_sum
 
-        x = FeatureTokens(self.dim, dtype=dtype, name="tokens")(inputs)
+        x = FeatureTokens(self.dim, normalize=self.token_norm, dtype=dtype, name="tokens")(inputs)
         s = mask = positions = None
         if inputs.sequences:
             merged, mask = merge_sequences(inputs)

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ctr.models.layers import MultiHeadAttention, SelfGating, masked_mean, pairwise_dots, rotary
+from ctr.models.inputs import ModelInputs
+from ctr.models.layers import FeatureTokens, MultiHeadAttention, SelfGating, masked_mean, pairwise_dots, rotary
 from models_testlib import gin_config, host_init, make_inputs, tiny_model
 
 RNG = np.random.default_rng(0)
@@ -121,3 +122,21 @@ def test_self_gating_forms(form):
         np.testing.assert_array_equal(np.sign(out), np.sign(x))
     with pytest.raises(ValueError, match="gating form"):
         SelfGating(form="tanh").init(jax.random.key(0), x)
+
+
+def test_normalized_feature_tokens_put_embeddings_and_a_large_dense_feature_on_one_scale():
+    """TaobaoAds-like scales: embeddings ~0.05, a log-price dense feature ~4.5."""
+    inputs = ModelInputs(
+        features={f"f{i}": jnp.asarray(RNG.uniform(-0.05, 0.05, (16, 8)), jnp.float32) for i in range(3)},
+        dense=jnp.asarray(RNG.normal(4.5, 1.0, (16, 1)), jnp.float32),
+        sequences={},
+        masks={},
+    )
+    for normalize in (False, True):
+        layer = FeatureTokens(8, normalize=normalize)
+        tokens = layer.apply(layer.init(jax.random.key(0), inputs), inputs)  # [B, 1 dense + 3, 8]
+        scale = np.asarray(jnp.sqrt(jnp.mean(tokens**2, axis=-1))).mean(axis=0)
+        if normalize:
+            np.testing.assert_allclose(scale, 1.0, atol=1e-3)  # every token unit scale (LayerNorm starts as identity)
+        else:
+            assert scale[0] > 20 * scale[1:].max()  # the dense token dwarfs the embeddings
