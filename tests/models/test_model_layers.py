@@ -137,6 +137,7 @@ def test_normalized_feature_tokens_put_embeddings_and_a_large_dense_feature_on_o
         tokens = layer.apply(layer.init(jax.random.key(0), inputs), inputs)  # [B, 1 dense + 3, 8]
         scale = np.asarray(jnp.sqrt(jnp.mean(tokens**2, axis=-1))).mean(axis=0)
         if normalize:
-            np.testing.assert_allclose(scale, 1.0, atol=1e-3)  # every token unit scale (LayerNorm starts as identity)
+            # every token at unit scale (LayerNorm starts as identity; its epsilon shaves ~0.1% off tiny tokens)
+            np.testing.assert_allclose(scale, 1.0, atol=0.01)
         else:
             assert scale[0] > 20 * scale[1:].max()  # the dense token dwarfs the embeddings
