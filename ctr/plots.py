@@ -47,7 +47,8 @@ def plot_run(run_dir: str) -> list[str]:
             ax.plot(steps, auc, "o-", label=f"{split} AUC")
     ax.set_xlabel("step")
     ax.set_ylabel("AUC")
-    ax.legend()
+    if ax.get_lines():  # a run without evaluation (final_eval_splits=()) has no AUC curve
+        ax.legend()
     ax.grid(alpha=0.3)
     path = os.path.join(out_dir, "eval.png")
     fig.savefig(path, dpi=100, bbox_inches="tight")
