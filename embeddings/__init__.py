@@ -2,7 +2,7 @@
 Embedding, DHE) with sharded lookups and sparse optimizers. See ``embeddings/README.md``.
 
 Importing the package registers every gin configurable of it (``build_collection``, ``per_feature_tables``,
-``PerFeature``, ``Unified``, ``DHE``, ``LookupOptions``, the sparse optimizers).
+``PerFeature``, ``Unified``, ``DHE``, ``LookupOptions``, the sparse optimizers, ``tower_collections``).
 """
 from embeddings import dhe, per_feature, sparse_optim, specs, towers, unified  # noqa: F401  (gin registration)
 from embeddings.collection import EmbeddingCollection
