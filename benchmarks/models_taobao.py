@@ -55,14 +55,13 @@ def train_one(model: str, data_dir: str, run_dir: str) -> dict:
             f"train.log_every = {max(1, STEPS.value // 10)}",
             'train.final_eval_splits = ("test",)',
             "train.progress = False",
-            "train.embedding_fn = @per_feature_tables",
             "PerFeature.buckets_per_feature = {}",  # the configs size tables from a prepared vocabulary
             *(
-                ['train.embedding_fn = @tower_collections',
+                ["train.embedding_fn = @tower_collections",
                  'tower_collections.towers = {"interformer": @interformer/per_feature_tables, '
                  '"dhen": @dhen/per_feature_tables}']
-                if model == "cetnet" else []
-            ),
+                if model == "cetnet" else ["train.embedding_fn = @per_feature_tables"]
+            ),  # fmt: skip
             f"per_feature_tables.dim = {DIM.value}",
             "per_feature_tables.num_buckets = 20000",
             "Checkpointer.every_steps = 0",
