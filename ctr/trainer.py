@@ -432,12 +432,16 @@ class _RunWriter:
     """metrics.jsonl, TensorBoard events, the gin configs, results.json and plots of one run (process 0)."""
 
     def __init__(self, run_dir: str):
-        import tensorflow as tf  # for tf.summary only
-
         self.run_dir = run_dir
-        self._tf = tf
         self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
-        self._tb = tf.summary.create_file_writer(os.path.join(run_dir, "tensorboard"))
+        try:
+            import tensorflow as tf  # for tf.summary only
+        except ImportError:  # e.g. an accelerator image without TF: training does not need it
+            logging.warning("tensorflow is not installed: no TensorBoard events; metrics.jsonl has every value")
+            self._tf = self._tb = None
+        else:
+            self._tf = tf
+            self._tb = tf.summary.create_file_writer(os.path.join(run_dir, "tensorboard"))
 
     def write_config(self) -> None:
         with open(os.path.join(self.run_dir, "config.gin"), "w", encoding="utf-8") as f:
@@ -446,6 +450,8 @@ class _RunWriter:
     def log(self, step: int, values: dict[str, float]) -> None:
         self._jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         self._jsonl.flush()
+        if self._tb is None:
+            return
         with self._tb.as_default(step=step):
             for key, value in values.items():
                 self._tf.summary.scalar(key, value)
@@ -456,7 +462,8 @@ class _RunWriter:
         with open(os.path.join(self.run_dir, "results.json"), "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
         self._jsonl.close()
-        self._tb.flush()
+        if self._tb is not None:
+            self._tb.flush()
         plots.plot_run(self.run_dir)
 
 

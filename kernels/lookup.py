@@ -11,8 +11,8 @@ float32 pooling) and of `kernels.oob` (out-of-range ids). Backends:
   the kernels run in the Pallas interpreter on CPU.
 
 Gradient (`jax.custom_vjp`): the table cotangent is a scatter-add of the output cotangent into the rows that
-were read (duplicates summed; "zero"-policy and zero-weight slots dropped). It is a dense [V, D] array because
-that is what `jax.grad` returns; `lookup_row_grads` gives the same gradient as (unique ids, summed rows) for
+were read (duplicates summed in float32, then cast to the table's dtype; "zero"-policy and zero-weight slots
+dropped). It is a dense [V, D] array because that is what `jax.grad` returns; `lookup_row_grads` gives the same gradient as (unique ids, summed rows) for
 sparse optimizers. Weights get their exact gradient too, computed only when they are being differentiated.
 
 Composition (jax 0.10.2):
@@ -342,8 +342,10 @@ def _lookup_bwd(spec: _Spec, residuals, cotangent):
     targets, grads = _slot_cotangents(spec, canonical, cotangent.reshape(-1, cotangent.shape[-1])
                                       if spec.combiner is None else cotangent)
     dim = cotangent.shape[-1]
-    table_grad = jnp.zeros((spec.num_rows, dim), cotangent.dtype).at[targets.reshape(-1)].add(
-        grads.reshape(-1, dim).astype(cotangent.dtype), mode="drop")
+    # Summed in float32, then cast: a bf16 scatter-add (what jax.grad of a bf16 gather does) rounds after every
+    # duplicate, and on GPU in a nondeterministic order.
+    table_grad = jnp.zeros((spec.num_rows, dim), jnp.float32).at[targets.reshape(-1)].add(
+        grads.reshape(-1, dim), mode="drop").astype(cotangent.dtype)
     weight_grad = None if table is None else _weight_cotangent(spec, table, canonical, cotangent)
     return table_grad, None, weight_grad, None
 

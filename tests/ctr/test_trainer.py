@@ -1,6 +1,7 @@
 """The trainer end to end on 8 CPU devices: outputs, every registered model, NaN handling."""
 import json
 import os
+import sys
 
 import gin
 import jax
@@ -46,6 +47,17 @@ def test_run_writes_results_metrics_plots_and_tensorboard(tiny, tmp_path):
     assert any("valid/auc" in r and r["step"] == 20 for r in rows)
     assert "DCNv2.mlp = (32, 16)" in open(os.path.join(run_dir, "operative_config.gin")).read()
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["20", "30", "40"]  # keep=3
+
+
+def test_run_writer_without_tensorflow_keeps_metrics(tmp_path, monkeypatch, caplog):
+    """Accelerator images often lack TF: the run still writes metrics.jsonl, says so, and writes no events."""
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # makes `import tensorflow` fail
+    writer = trainer._RunWriter(str(tmp_path))
+    writer.log(3, {"train/loss": 0.5})
+    writer._jsonl.close()
+    assert "no TensorBoard events" in caplog.text
+    assert [json.loads(line)["train/loss"] for line in open(tmp_path / "metrics.jsonl")] == [0.5]
+    assert not (tmp_path / "tensorboard").exists()
 
 
 def test_cetnet_towers_train_with_their_own_tables(tiny, tmp_path):
