@@ -133,6 +133,32 @@ def flat_features(inputs: ModelInputs, pool_sequences: bool) -> jax.Array:
     return x
 
 
+def width_map(width: int, dim: int) -> np.ndarray:
+    """``[width, dim]`` 0/1 matrix that carries a ``width``-wide vector into ``dim``: the identity when the widths
+    agree, the vector tiled when ``dim`` is wider, its ``dim``-wide blocks summed when it is narrower.
+
+    As an initial projection it keeps embeddings comparable: two features that read one table (``cate_his`` and
+    ``cate_id``) start as the same token, which independent random projections would not give.
+    """
+    m = np.zeros((width, dim), np.float32)
+    m[np.arange(dim) % width, np.arange(dim)] = 1.0  # tile (and the identity part)
+    m[np.arange(width), np.arange(width) % dim] = 1.0  # fold
+    return m
+
+
+def width_map_init(*widths: int) -> nn.initializers.Initializer:
+    """Kernel initializer ``[sum(widths), dim]``: the stacked ``width_map``s of concatenated inputs (their
+    mapped sum)."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        del key
+        if shape[0] != sum(widths):
+            raise ValueError(f"width_map_init{widths}: kernel rows {shape[0]} != {sum(widths)}")
+        return jnp.asarray(np.concatenate([width_map(w, shape[1]) for w in widths]), dtype)
+
+    return init
+
+
 class FeatureTokens(nn.Module):
     """The non-sequence features as tokens ``[B, T, dim]`` of one common width.
 
@@ -147,6 +173,9 @@ class FeatureTokens(nn.Module):
       dense_hidden: hidden widths of the dense features' bottom MLP.
       pool_sequences: append the mean-pooled sequences as tokens.
       activation: bottom-MLP activation.
+      aligned_projections: start every width-changing projection as ``width_map`` (the same map for every
+        feature) rather than random, so that features reading one table start as the same token; InterFormer
+        needs it to compare the target item with the events (see ``InterFormer``).
       normalize: layer-normalise every token (one shared scale and bias). Embeddings start at ~0.05 while a
         dense token (e.g. TaobaoAds' log price, ~4) starts ~100x larger; without it, models whose layers mix
         tokens learn mostly from the dense token (DHEN on synthetic TaobaoAds: test AUC 0.600 without, 0.679
@@ -158,6 +187,7 @@ class FeatureTokens(nn.Module):
     dense_hidden: Sequence[int] = ()
     pool_sequences: bool = False
     activation: Activation = nn.relu
+    aligned_projections: bool = False
     normalize: bool = False
     dtype: jnp.dtype = jnp.float32
 
@@ -177,7 +207,8 @@ class FeatureTokens(nn.Module):
         for name, x in named.items():
             x = x.astype(self.dtype)
             if x.shape[-1] != self.dim:
-                x = nn.Dense(self.dim, use_bias=False, dtype=self.dtype, name=f"proj_{name}")(x)
+                init = width_map_init(x.shape[-1]) if self.aligned_projections else nn.initializers.lecun_normal()
+                x = nn.Dense(self.dim, use_bias=False, kernel_init=init, dtype=self.dtype, name=f"proj_{name}")(x)
             tokens.append(x)
         tokens = jnp.stack(tokens, axis=1)
         if self.normalize:

@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 
 from ctr.models.inputs import ModelInputs
-from ctr.models.layers import FeatureTokens, MultiHeadAttention, SelfGating, masked_mean, pairwise_dots, rotary
+from ctr.models.layers import (
+    FeatureTokens,
+    MultiHeadAttention,
+    SelfGating,
+    masked_mean,
+    pairwise_dots,
+    rotary,
+    width_map,
+)
 from models_testlib import gin_config, host_init, make_inputs, tiny_model
 
 RNG = np.random.default_rng(0)
@@ -141,3 +149,21 @@ def test_normalized_feature_tokens_put_embeddings_and_a_large_dense_feature_on_o
             np.testing.assert_allclose(scale, 1.0, atol=0.01)
         else:
             assert scale[0] > 20 * scale[1:].max()  # the dense token dwarfs the embeddings
+
+
+@pytest.mark.parametrize("width,dim", [(4, 4), (2, 5), (4, 8), (8, 4), (5, 2), (6, 4)])
+def test_width_map_tiles_or_folds(width, dim):
+    x = np.arange(1.0, width + 1)
+    tiled = np.tile(x, -(-dim // width))[:dim]
+    folded = np.pad(x, (0, -width % dim)).reshape(-1, dim).sum(0)
+    np.testing.assert_array_equal(x @ width_map(width, dim), tiled if dim >= width else folded)
+
+
+def test_aligned_projections_map_one_table_to_one_token():
+    """Two 4-wide features holding the same embedding become the same 8-wide token (random maps would not)."""
+    emb = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), jnp.float32)
+    inputs = ModelInputs(features={"a": emb, "b": emb}, dense=None, sequences={}, masks={})
+    for aligned in (True, False):
+        layer = FeatureTokens(8, aligned_projections=aligned)
+        tokens = layer.apply(layer.init(jax.random.key(0), inputs), inputs)
+        assert np.allclose(tokens[:, 0], tokens[:, 1]) == aligned
