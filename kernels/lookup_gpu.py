@@ -14,7 +14,8 @@ table and the output are passed whole (`memory_space=pl.ANY`) and addressed with
 
 Measured on an H200 (benchmarks/RESULTS.md): the row gather reaches 71-83% of the HBM peak for float32 rows of
 128-512 bytes and beats XLA's gather (by 2-6% in float32, ~30% in bfloat16); the pooled kernel is 1-21% slower
-than XLA's gather-then-reduce.
+than XLA's gather-then-reduce. That jax (0.11.2) warns that Pallas' Triton backend is deprecated in favour of
+Mosaic GPU: a port is due before the pin moves past the release that removes it.
 
 Trade-off: `jax.export` (and so jax2tf native serialization) does not accept Triton custom calls, whose IR has
 no stability guarantee (Mosaic GPU and Mosaic TPU calls are accepted). Export serving functions with
