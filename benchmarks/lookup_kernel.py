@@ -169,7 +169,7 @@ def sweep_gpu(args: argparse.Namespace) -> None:
         kinds = (
             ("gather", lookup_gpu.gather_rows_gpu, (ids,), 2 * args.ids * row_bytes + 4 * args.ids),
             (f"sum/{args.bag_length}", lookup_gpu.pooled_rows_gpu, (bags, weights),
-             args.ids * (row_bytes + 8) + bags.shape[0] * dim * 4),
+             args.ids * (row_bytes + 8) + bags.shape[0] * dim * 4),  # rows, ids and weights read; sums written
         )
         for name, kernel, inputs, moved in kinds:
             results = []
@@ -222,7 +222,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--back-to-back", type=int, default=8, help="calls dispatched per timing (accelerator)")
-    parser.add_argument("--sweep", action="store_true", help="GPU: also sweep the gather kernel's block shape")
+    parser.add_argument("--sweep", action="store_true",
+                        help="GPU: also sweep the gather and pooled kernels' tile sizes and warps")
     args = parser.parse_args()
     platform = jax.default_backend()
     if args.ids is None:

@@ -12,8 +12,9 @@ float32 pooling) and of `kernels.oob` (out-of-range ids). Backends:
 
 Gradient (`jax.custom_vjp`): the table cotangent is a scatter-add of the output cotangent into the rows that
 were read (duplicates summed in float32, then cast to the table's dtype; "zero"-policy and zero-weight slots
-dropped). It is a dense [V, D] array because that is what `jax.grad` returns; `lookup_row_grads` gives the same gradient as (unique ids, summed rows) for
-sparse optimizers. Weights get their exact gradient too, computed only when they are being differentiated.
+dropped). It is a dense [V, D] array because that is what `jax.grad` returns; `lookup_row_grads` gives the same
+gradient as (unique ids, summed rows) for sparse optimizers. Weights get their exact gradient too, computed only
+when they are being differentiated.
 
 Composition (jax 0.10.2):
 - Inside `jax.shard_map` (with `check_vma`) every backend runs and lowers; kernel outputs vary over the union of

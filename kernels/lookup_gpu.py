@@ -33,7 +33,7 @@ from kernels.vma import varying_struct
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 # Tile sizes and warps per program, from a sweep on an H200 (benchmarks/RESULTS.md). Row gather: [rows, D]
 # tiles of 2048 values at 4 warps beat 4096 by 8% at 128-byte rows (more programs keep more rows in flight).
-# Pooled: W loads of [bags, D] tiles of 1024 values at 8 warps, 15-30% faster than 2048 at 4 warps (a program
+# Pooled: W loads of [bags, D] tiles of 1024 values at 8 warps, 8-30% faster than 2048 at 4 warps (a program
 # already has W loads in flight, so smaller tiles and more warps spread them over more programs).
 BLOCK_ELEMENTS = 2048
 NUM_WARPS = 4
