@@ -5,8 +5,6 @@ Tables and weights hold small dyadic values (multiples of 1/4 and 1/2), so float
 and "equal" below means bitwise equal.
 """
 import functools
-import zlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +16,7 @@ from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interp
 from kernels import lookup_tpu
 from kernels.lookup import lookup, lookup_row_grads
 from kernels.lookup_reference import lookup_reference
+from lookup_testlib import assert_equal, dyadic_table, rng_for
 
 TPU_INTERPRET = pltpu.InterpretParams(detect_races=True)
 KERNEL_BACKENDS = {"tpu": TPU_INTERPRET, "gpu": True}
@@ -31,14 +30,6 @@ def _no_tpu_races(capsys):
     """The TPU interpreter prints every race it detects; its `races_found` flag only covers the last kernel."""
     yield
     assert "RACE DETECTED" not in capsys.readouterr().out
-
-
-def _rng(*key) -> np.random.Generator:
-    return np.random.default_rng(zlib.crc32(repr(key).encode()))
-
-
-def _table(rng: np.random.Generator, num_rows: int, dim: int, dtype) -> jax.Array:
-    return jnp.asarray(rng.integers(-32, 32, (num_rows, dim)) / 4, dtype)
 
 
 def _case(rng: np.random.Generator, form: str, num_rows: int, out_of_range: bool = False):
@@ -108,7 +99,7 @@ def _assert_cases_equal_reference(backend: str, table, cases) -> None:
     outs = all_cases(_backend(backend))
     _check_races(backend)
     for out, expected in zip(outs, all_cases(lookup_reference)):
-        _assert_equal(out, expected)
+        assert_equal(out, expected)
 
 
 def _grads(fn, table, ids, kwargs, cotangent):
@@ -121,11 +112,6 @@ def _grads(fn, table, ids, kwargs, cotangent):
         return jnp.sum(fn(t, i, **static, **a, **extra).astype(jnp.float32) * cotangent)
 
     return jax.jit(jax.grad(loss, argnums=(0, 1)))(table, weights, ids, arrays)
-
-
-def _assert_equal(actual, expected):
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype
-    np.testing.assert_array_equal(np.asarray(actual, np.float32), np.asarray(expected, np.float32))
 
 
 def _out_shape(table, ids, kwargs) -> tuple[int, ...]:
@@ -143,10 +129,10 @@ FORWARD_CASES = [(backend, form, jnp.float32) for backend in KERNEL_BACKENDS for
     "backend,form,dtype", FORWARD_CASES, ids=lambda x: x if isinstance(x, str) else jnp.dtype(x).name
 )
 def test_forward_equals_reference(backend, form, dtype):
-    rng = _rng(backend, form, jnp.dtype(dtype).name)
-    table = _table(rng, int(rng.integers(3, 12)), int(rng.choice([8, 48, 128])), dtype)
+    rng = rng_for(backend, form, jnp.dtype(dtype).name)
+    table = dyadic_table(rng, int(rng.integers(3, 12)), int(rng.choice([8, 48, 128])), dtype)
     ids, kwargs = _case(rng, form, table.shape[0])
-    _assert_equal(_run(backend, table, ids, **kwargs), _reference(table, ids, **kwargs))
+    assert_equal(_run(backend, table, ids, **kwargs), _reference(table, ids, **kwargs))
 
 
 def _assert_gradients_match(backend, table, ids, kwargs, cotangent) -> jax.Array:
@@ -156,7 +142,7 @@ def _assert_gradients_match(backend, table, ids, kwargs, cotangent) -> jax.Array
     grads = _grads(_backend(backend), table, ids, kwargs, cotangent)
     _check_races(backend)
     expected = _grads(lookup_reference, table.astype(jnp.float32), ids, kwargs, cotangent)
-    _assert_equal(grads[0], expected[0].astype(table.dtype))
+    assert_equal(grads[0], expected[0].astype(table.dtype))
     np.testing.assert_allclose(grads[1], expected[1], rtol=1e-6, atol=1e-5)
     return grads[0]
 
@@ -166,8 +152,8 @@ def _assert_gradients_match(backend, table, ids, kwargs, cotangent) -> jax.Array
 def test_gradients_equal_reference_and_row_grads(form, oob):
     """The custom VJP's backward is XLA code shared by every backend (here after the XLA forward); the sparse
     `lookup_row_grads` must rebuild the same dense gradient."""
-    rng = _rng("grad", form, oob)
-    table = _table(rng, 7, 16, jnp.float32)
+    rng = rng_for("grad", form, oob)
+    table = dyadic_table(rng, 7, 16, jnp.float32)
     ids, kwargs = _case(rng, form, table.shape[0], out_of_range=True)
     kwargs["oob"] = oob
     cotangent = jnp.asarray(rng.integers(-4, 5, _out_shape(table, ids, kwargs)) / 4, jnp.float32)
@@ -180,14 +166,14 @@ def test_gradients_equal_reference_and_row_grads(form, oob):
     assert np.all(np.diff(np.asarray(sparse.ids[:count])) > 0)
     assert np.all(np.asarray(sparse.ids[count:]) == table.shape[0]) and not np.any(np.asarray(sparse.grads[count:]))
     np.testing.assert_array_equal(np.asarray(sparse.valid), np.arange(ids.size) < count)
-    _assert_equal(jnp.zeros_like(table).at[sparse.ids].add(sparse.grads, mode="drop"), dense)
+    assert_equal(jnp.zeros_like(table).at[sparse.ids].add(sparse.grads, mode="drop"), dense)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_kernel_gradients_equal_reference_gradients(backend):
     """The same backward behind a kernel forward (bfloat16 table, weighted mean with padding)."""
-    rng = _rng("kernel grad", backend)
-    table = _table(rng, 5, 32, jnp.bfloat16)
+    rng = rng_for("kernel grad", backend)
+    table = dyadic_table(rng, 5, 32, jnp.bfloat16)
     ids, kwargs = _case(rng, "dense_mean", table.shape[0])
     cotangent = jnp.asarray(rng.integers(-4, 5, (ids.shape[0], 32)) / 4, jnp.float32)
     _assert_gradients_match(backend, table, ids, kwargs, cotangent)
@@ -195,7 +181,7 @@ def test_kernel_gradients_equal_reference_gradients(backend):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_duplicate_ids_and_empty_bags(backend):
-    table = _table(_rng("edge", backend), 6, 128, jnp.float32)
+    table = dyadic_table(rng_for("edge", backend), 6, 128, jnp.float32)
     same = jnp.full((3, 5), 4, jnp.int32)
     padding = jnp.ones((3, 5), jnp.float32).at[1].set(0.0)  # bag 1 is all padding: empty
     cases = [
@@ -227,8 +213,8 @@ def test_bfloat16_gradient_sums_duplicates_in_float32():
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_kernels_apply_out_of_range_policy(backend):
-    rng = _rng("oob", backend)
-    table = _table(rng, 6, 8, jnp.float32)
+    rng = rng_for("oob", backend)
+    table = dyadic_table(rng, 6, 8, jnp.float32)
     cases = []
     for form, oob in (("rows", "clamp"), ("rows", "zero"), ("ragged_sum", "zero")):
         ids, kwargs = _case(rng, form, table.shape[0], out_of_range=True)
@@ -256,20 +242,20 @@ def test_out_of_range_error():
     assert "id 7 out of range [0, 4)" in error.get()
     error, out = checkify.checkify(jitted)(good)
     assert error.get() is None
-    _assert_equal(out, _reference(table, good))
+    assert_equal(out, _reference(table, good))
 
 
 def test_tpu_kernels_split_long_inputs_across_calls():
-    rng = _rng("chunks")
-    table = _table(rng, 11, 128, jnp.float32)
+    rng = rng_for("chunks")
+    table = dyadic_table(rng, 11, 128, jnp.float32)
     ids = jnp.asarray(rng.integers(-1, 11, 40), jnp.int32)  # 2 calls of 32 ids
     rows = lookup_tpu.gather_rows_tpu(table, ids, interpret=TPU_INTERPRET, max_ids_per_call=32)
     with_zero_row = jnp.concatenate([table, jnp.zeros((1, 128))])
-    _assert_equal(rows, _reference(with_zero_row, jnp.where(ids < 0, 11, ids)))
+    assert_equal(rows, _reference(with_zero_row, jnp.where(ids < 0, 11, ids)))
     slot_ids = jnp.asarray(rng.integers(-1, 11, (12, 2)), jnp.int32)  # 2 calls of 8 sub-bags
     weights = jnp.asarray(rng.integers(-2, 3, (12, 2)), jnp.float32)
     sums = lookup_tpu.pooled_rows_tpu(table, slot_ids, weights, interpret=TPU_INTERPRET, max_ids_per_call=16)
-    _assert_equal(sums, jnp.sum(with_zero_row[jnp.where(slot_ids < 0, 11, slot_ids)] * weights[..., None], axis=1))
+    assert_equal(sums, jnp.sum(with_zero_row[jnp.where(slot_ids < 0, 11, slot_ids)] * weights[..., None], axis=1))
     _check_races("tpu")
 
 
@@ -288,7 +274,7 @@ def test_invalid_arguments():
         lookup(table.astype(jnp.float16), ids, backend="tpu")
     # "auto" falls back to XLA for dtypes the kernels do not take.
     half = table.astype(jnp.float16)
-    _assert_equal(_jit_call(lookup, half, ids, {}), _reference(half, ids))
+    assert_equal(_jit_call(lookup, half, ids, {}), _reference(half, ids))
 
 
 _CUSTOM_CALL = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
@@ -343,8 +329,8 @@ def test_kernels_inside_shard_map():
     `check_vma`): outputs must carry their varying mesh axes, run (TPU interpreter, XLA), and lower."""
     mesh = jax.make_mesh((jax.device_count(),), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
     shards, rows_per_shard = mesh.size, 8
-    table = _table(_rng("shard_map"), shards * rows_per_shard, 128, jnp.float32)
-    ids = jnp.asarray(_rng("shard_map ids").integers(0, rows_per_shard, (shards, 4, 4)), jnp.int32)
+    table = dyadic_table(rng_for("shard_map"), shards * rows_per_shard, 128, jnp.float32)
+    ids = jnp.asarray(rng_for("shard_map ids").integers(0, rows_per_shard, (shards, 4, 4)), jnp.int32)
     expected = jnp.stack([table[k * rows_per_shard:(k + 1) * rows_per_shard][ids[k]] for k in range(shards)])
     sharding = jax.NamedSharding(mesh, jax.P("x"))
     table, ids = jax.device_put(table, sharding), jax.device_put(ids, sharding)
@@ -353,8 +339,8 @@ def test_kernels_inside_shard_map():
         body = lambda t, i: lookup(t, i[0], backend=backend, **kwargs)[None]
         return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(jax.P("x"), jax.P("x")), out_specs=jax.P("x")))
 
-    _assert_equal(sharded("tpu", interpret=TPU_INTERPRET)(table, ids), expected)
+    assert_equal(sharded("tpu", interpret=TPU_INTERPRET)(table, ids), expected)
     pooled = sharded("auto", combiner="sum")
-    _assert_equal(pooled(table, ids), expected.sum(axis=2))
+    assert_equal(pooled(table, ids), expected.sum(axis=2))
     for platform in _CUSTOM_CALL:
         assert _CUSTOM_CALL[platform] in pooled.trace(table, ids).lower(lowering_platforms=(platform,)).as_text()
