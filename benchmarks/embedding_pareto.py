@@ -3,7 +3,7 @@
 Families and sizes (``S`` = bytes of the full per-feature tables):
 
 - full per-feature tables: one row per training-set value of each feature plus one out-of-vocabulary row, no
-  collisions (a vocabulary part defined here, composed into the collection like any family);
+  collisions (``PerFeature`` indexed by each feature's training vocabulary);
 - hashing trick (``PerFeature`` with each feature's bucket count scaled to the budget), Unified Embedding
   (``Unified``, 16-wide features as two 8-wide chunks on one shared table) and DHE (``DHE``, one network per
   feature, widths from the budget) at ``S``, ``S/4`` and ``S/16``.
@@ -19,7 +19,6 @@ flags. Writes ``pareto.png`` and ``pareto.md`` to ``--out_dir`` and prints the t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import time
 from typing import Mapping
@@ -37,45 +36,15 @@ from ctr.data import dataset as dataset_lib  # noqa: E402
 from ctr.data import schema as schema_lib  # noqa: E402
 from ctr.models.dcnv2 import DCNv2  # noqa: E402
 from embeddings import DHE, EmbeddingCollection, PerFeature, Unified, build_collection, sparse_optim  # noqa: E402
-from embeddings.specs import resolve_specs  # noqa: E402
-from embeddings.tables import Lookup, TableConfig, TablePart, align_rows  # noqa: E402
 
 DIM = 16
 FRACTIONS = (1.0, 1 / 4, 1 / 16)
 
 
-@dataclasses.dataclass(frozen=True)
-class VocabularyPart(TablePart):
-    """Full per-feature tables: fingerprint -> its index in the feature's training vocabulary (sorted
-    fingerprints), unseen values -> one out-of-vocabulary row after them."""
-
-    vocabularies: tuple[np.ndarray, ...] = ()
-
-    def host_ids(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {}
-        for lk, vocab in zip(self.lookups, self.vocabularies):
-            fp = batch[lk.source]
-            pos = np.minimum(np.searchsorted(vocab, fp), len(vocab) - 1)
-            out[lk.key] = (lk.offset + np.where(vocab[pos] == fp, pos, len(vocab))).astype(np.int32)
-        return out
-
-
 def full_tables(schema: schema_lib.FeatureSchema, train: Mapping[str, np.ndarray]) -> EmbeddingCollection:
-    specs = resolve_specs(schema, ("full",), default_dim=DIM)
-    lookups, vocabularies, offset = [], [], 0
-    for spec in specs:
-        vocab = np.unique(train[spec.name])
-        lookups.append(Lookup(spec.name, spec.name, "full", offset, len(vocab) + 1, 0))
-        vocabularies.append(vocab)
-        offset += len(vocab) + 1
-    part = VocabularyPart(
-        family="full",
-        tables=(TableConfig("full", align_rows(offset, 256), DIM),),
-        lookups=tuple(lookups),
-        outputs=tuple((lk.key, (lk.key,)) for lk in lookups),
-        vocabularies=tuple(vocabularies),
-    )
-    return EmbeddingCollection(schema=schema, specs=specs, parts=(part,))
+    """One row per training-set value of each feature plus one OOV row (``PerFeature`` with vocabularies)."""
+    vocabularies = {name: np.unique(train[name]) for name in schema.categorical}
+    return build_collection(schema, families={"full": PerFeature(vocabularies=vocabularies)}, default_dim=DIM)
 
 
 class Model(nn.Module):

@@ -152,7 +152,8 @@ def train(
     embedding_fn: Callable[[schema_lib.FeatureSchema], collection_lib.EmbeddingCollection] = gin.REQUIRED,
     sparse_optimizer: sparse_optim.SparseOptimizer = gin.REQUIRED,
     batch_size: int = 4096,
-    num_steps: int = 1000,
+    num_steps: int | None = None,
+    num_epochs: float | None = None,
     eval_every: int = 0,
     eval_batch_size: int = 16384,
     log_every: int = 50,
@@ -170,7 +171,9 @@ def train(
       embedding_fn: builds the embedding collection from the schema (e.g. ``@per_feature_tables``).
       sparse_optimizer: optimizer of the table rows (e.g. ``@SparseAdagrad()``).
       batch_size: global batch size (examples per step over all hosts and devices).
-      num_steps: total training steps.
+      num_steps: total training steps; give this or ``num_epochs``, not both (neither: one epoch).
+      num_epochs: training length in passes over the train split (``round(num_epochs * steps per epoch)``
+        steps; the last partial batch of an epoch is dropped).
       eval_every: evaluate the valid split every this many steps (0 = only at the end).
       eval_batch_size: global eval batch size.
       log_every: steps between loss read-backs (progress bar, metrics.jsonl, NaN check).
@@ -190,8 +193,19 @@ def train(
     if batch_size % n_batch_shards or eval_batch_size % n_batch_shards:
         raise ValueError(f"batch sizes {batch_size}/{eval_batch_size} must divide over {n_batch_shards} devices")
 
+    if num_steps is not None and num_epochs is not None:
+        raise ValueError(f"give train.num_steps ({num_steps}) or train.num_epochs ({num_epochs}), not both")
     dataset = dataset_fn()
     schema = dataset.schema
+    steps_per_epoch = dataset.steps_per_epoch(batch_size)
+    if num_steps is None:
+        num_steps = max(1, round((1.0 if num_epochs is None else num_epochs) * steps_per_epoch))
+    if lead:
+        print(
+            f"Training {num_steps} steps of {batch_size} examples "
+            f"({num_steps / max(steps_per_epoch, 1):.2f} epochs of {steps_per_epoch} steps)",
+            flush=True,
+        )
     collection = embedding_fn(schema).with_mesh(mesh, rules["table_rows"])
     network = model_zoo.get(model_name)()
     module = CTRModule(collection=collection, network=network)
@@ -291,6 +305,14 @@ def train(
         out_shardings=sharding.batch_sharding(mesh, rules),
     )
 
+    def flush_step(state: TrainState) -> TrainState:
+        tables, slots = collection.flush(state.tables, state.table_slots, sparse_optimizer, state.step)
+        return state.replace(tables=tables, table_slots=slots)
+
+    # Brings every row up to date before an evaluation (SparseAdam's deferred moves). It changes no later step,
+    # and evaluations fall on fixed steps, so a resumed run flushes where an uninterrupted one does.
+    flush_step = jax.jit(flush_step, in_shardings=(state_shardings,), out_shardings=state_shardings, donate_argnums=0)
+
     def evaluate(split: str) -> dict[str, float]:
         labels, logits, groups = [], [], []
         for host_batch, real in dataset.eval_batches(
@@ -368,6 +390,7 @@ def train(
                 bar.update(step, mean_loss, rate)
                 loss_sum, loss_count, window_start, window_step = None, 0, now, step
                 if eval_every and step % eval_every == 0 and step < num_steps:
+                    state = flush_step(state)
                     result = evaluate("valid")
                     if writer:
                         writer.log(step, {f"valid/{k}": v for k, v in result.items()})
@@ -402,6 +425,7 @@ def train(
         "devices": jax.device_count(),
         "processes": jax.process_count(),
     }
+    state = flush_step(state)
     for split in final_eval_splits:
         results[split] = evaluate(split)
     if writer:

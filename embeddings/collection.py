@@ -181,6 +181,20 @@ class EmbeddingCollection:
             )
         return new_tables, new_slots
 
+    def flush(
+        self,
+        tables: Tables,
+        slots: Mapping[str, sparse_optim.Slots],
+        optimizer: sparse_optim.SparseOptimizer,
+        step: jax.Array,
+    ) -> tuple[Tables, dict[str, sparse_optim.Slots]]:
+        """Every table as its dense optimizer would hold it after ``step`` updates (``optimizer.flush``: one
+        elementwise pass per table, row-sharded as the table; identity for optimizers with no deferred work)."""
+        new_tables, new_slots = dict(tables), dict(slots)
+        for name in self.tables:
+            new_tables[name], new_slots[name] = optimizer.flush(tables[name], slots[name], step)
+        return new_tables, new_slots
+
     def _check_placement(self) -> None:
         if self.lookup.path == "shard_map" and self.placement is None and self.tables:
             raise ValueError('LookupOptions.path="shard_map" needs the mesh: use collection.with_mesh(mesh, row_axes)')

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctr.data import vocab as vocab_lib
 from embeddings import hashing
 
 
@@ -36,7 +37,8 @@ class Lookup:
     """One int32 id array of the device batch and the table rows it reads.
 
     A fingerprint ``fp`` of batch key ``source`` reads row ``offset + bucket(fp, salt, num_buckets)`` of
-    ``table`` (see :mod:`embeddings.hashing`).
+    ``table`` (see :mod:`embeddings.hashing`), or, with a ``vocabulary``, row ``offset + index(fp)``: its
+    position among the kept values, the OOV row ``len(vocabulary)`` for any other (:func:`ctr.data.vocab.index`).
 
     Attributes:
       key: key of the row-index array in the ids dict (and of its rows in the rows dict).
@@ -45,6 +47,8 @@ class Lookup:
       offset: first row of this lookup's slice of the table (0 when the whole table is shared).
       num_buckets: rows in that slice.
       salt: 64-bit hash salt (:func:`embeddings.hashing.salt`).
+      vocabulary: sorted int64 fingerprints of the kept values (``num_buckets == len(vocabulary) + 1``), or None
+        for the bucket hash.
     """
 
     key: str
@@ -53,10 +57,19 @@ class Lookup:
     offset: int
     num_buckets: int
     salt: int
+    vocabulary: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.vocabulary is not None and self.num_buckets != len(self.vocabulary) + 1:
+            raise ValueError(f"lookup {self.key}: {self.num_buckets} rows for a vocabulary of {len(self.vocabulary)}")
 
     def host_rows(self, fingerprints: np.ndarray) -> np.ndarray:
         """Row indices, int32, same shape as ``fingerprints``."""
-        return (hashing.bucket_np(fingerprints, self.salt, self.num_buckets) + self.offset).astype(np.int32)
+        if self.vocabulary is not None:
+            rows = vocab_lib.index(self.vocabulary, fingerprints)
+        else:
+            rows = hashing.bucket_np(fingerprints, self.salt, self.num_buckets)
+        return (rows + self.offset).astype(np.int32)
 
 
 def align_rows(num_rows: int, alignment: int) -> int:

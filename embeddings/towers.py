@@ -103,6 +103,12 @@ class TowerCollections:
         ]
         return self._merge(t for t, _ in updated), self._merge(s for _, s in updated)
 
+    def flush(self, tables, slots, optimizer: sparse_optim.SparseOptimizer, step):
+        flushed = [
+            c.flush(t, s, optimizer, step) for (_, c), t, s in zip(self.towers, self._split(tables), self._split(slots))
+        ]
+        return self._merge(t for t, _ in flushed), self._merge(s for _, s in flushed)
+
     def num_parameters(self) -> int:
         return sum(c.num_parameters() for _, c in self.towers)
 

@@ -162,13 +162,14 @@ def prepared(data_dir: str = gin.REQUIRED, block_rows: int = 1) -> PreparedDatas
 
 
 @gin.configurable
-def vocab_sizes(data_dir: str = gin.REQUIRED) -> dict[str, int]:
-    """Per-feature table sizes from a prepared dataset's vocabulary (kept values + 1 OOV), for
-    ``per_feature_tables.buckets_per_feature = @vocab_sizes()``. Sequences with their own ids included."""
+def vocabularies(data_dir: str = gin.REQUIRED) -> dict[str, np.ndarray]:
+    """The kept values (sorted int64 fingerprints) of every embedded feature of a prepared dataset, for
+    ``PerFeature.vocabularies = @vocabularies()``: one row per kept value plus an OOV row, no collisions.
+    Keys are the features that own an embedding (categorical features and sequences with their own ids)."""
     metadata = read_metadata(data_dir)
     if not metadata.get("vocab"):
         raise ValueError(f"{data_dir} was prepared without a vocabulary (set the dataset's Processing.min_count)")
-    sizes = vocab_lib.Vocabulary.load(data_dir).sizes()
+    kept = vocab_lib.Vocabulary.load(data_dir).kept
     schema = schema_from_json(metadata["schema"])
-    return {key: sizes[name] for key, name in vocab_lib.vocab_features(schema).items()
+    return {key: kept[name] for key, name in vocab_lib.vocab_features(schema).items()
             if not any(s.name == key and s.item_feature for s in schema.sequences)}

@@ -2,9 +2,9 @@
 
 Ids stay fingerprints (:mod:`ctr.data.fingerprint`), so every embedding family works unchanged: a value seen
 at least ``min_count`` times in the train split keeps its own fingerprint, every other value becomes
-``fingerprint(feature, OOV_VALUE)``. A vocabulary sizes a per-feature table exactly (:meth:`sizes`: kept
-values + 1 for OOV; see ``embeddings.per_feature.per_feature_tables(buckets_per_feature=...)``), and the
-exported model applies the same mapping with :meth:`Vocabulary.apply_tf`.
+``fingerprint(feature, OOV_VALUE)``. A vocabulary indexes a per-feature table exactly (:func:`index`: row ``i``
+for the ``i``-th kept value, one OOV row after them; ``embeddings.per_feature.PerFeature(vocabularies=...)``),
+and the exported model applies the same mappings with :meth:`Vocabulary.apply_tf` and :func:`index_tf`.
 
 A sequence that shares an item feature's embedding (``cate_his`` -> ``cate_id``) shares its vocabulary, and
 its events count towards it; a sequence with its own ids (``btag_his``) has its own vocabulary.
@@ -36,6 +36,26 @@ def vocab_features(schema: schema_lib.FeatureSchema) -> dict[str, str]:
     for seq in schema.sequences:
         features[seq.name] = seq.item_feature or seq.name
     return features
+
+
+def index(kept: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Row of each id in a table indexed by vocabulary position: ``i`` for ``kept[i]`` (``kept`` sorted int64
+    fingerprints), ``len(kept)`` (the OOV row) for every other id. int64, same shape as ``ids``."""
+    ids = np.asarray(ids, np.int64)
+    if not len(kept):
+        return np.zeros(ids.shape, np.int64)
+    pos = np.minimum(np.searchsorted(kept, ids), len(kept) - 1)
+    return np.where(kept[pos] == ids, pos, len(kept))
+
+
+def index_tf(kept: np.ndarray, ids: Any) -> Any:
+    """TensorFlow twin of :func:`index` (a static hash table from fingerprint to position), for serving."""
+    import tensorflow as tf  # only serving needs TF here
+
+    keys = tf.constant(kept, tf.int64)
+    positions = tf.range(len(kept), dtype=tf.int64)
+    table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, positions), len(kept))
+    return table.lookup(tf.cast(ids, tf.int64))
 
 
 class Counter:

@@ -71,6 +71,45 @@ def test_per_feature_budget_scales_every_feature():
     assert 9 < buckets["user"] / buckets["item"] <= 10.01  # proportions kept
 
 
+def test_vocabulary_tables_give_every_kept_value_its_own_row():
+    """With vocabularies, distinct kept values read distinct rows (counted), every other value the OOV row, and
+    the item sequence reads its item feature's rows; a budget below the vocabulary falls back to hashing."""
+    batch = random_batch(4096, vocab=3000)
+    kept = {name: np.unique(batch[name])[::2] for name in ("user", "item")}  # half the values kept
+    family = PerFeature(num_buckets=100, vocabularies=kept)
+    col = build_collection(SCHEMA, families={"pf": family}, default_dim=8, row_alignment=64)
+    lk = {l.key: l for l in col.lookups}
+    ids = col.host_ids(batch)
+    for name in ("user", "item"):
+        assert lk[name].num_buckets == len(kept[name]) + 1
+        is_kept = np.isin(batch[name], kept[name])
+        rows = ids[name] - lk[name].offset
+        # Independent reference: position in the sorted kept values by a Python dict.
+        position = {int(v): i for i, v in enumerate(kept[name])}
+        want = np.array([position.get(int(v), len(kept[name])) for v in batch[name]])
+        np.testing.assert_array_equal(rows, want)
+        assert len(np.unique(rows[is_kept])) == len(np.unique(batch[name][is_kept]))  # no collisions
+        assert np.all(rows[~is_kept] == len(kept[name]))
+    his = np.repeat(batch["item"][:, None], 3, axis=1)
+    np.testing.assert_array_equal(col.host_ids({**batch, "item_his": his})["item_his"], np.repeat(ids["item"][:, None], 3, 1))
+    # A table smaller than its vocabulary is hashed (the hashing trick), with the requested rows.
+    small = PerFeature(num_buckets=100, buckets_per_feature={"user": 50}, vocabularies=kept)
+    lk_small = {l.key: l for l in build_collection(SCHEMA, families={"pf": small}, default_dim=8).lookups}
+    assert lk_small["user"].vocabulary is None and lk_small["user"].num_buckets == 50
+    assert lk_small["item"].vocabulary is not None
+    with pytest.raises(ValueError, match="does not serve"):
+        build_collection(SCHEMA, families={"pf": PerFeature(vocabularies={"nope": kept["user"]})}, default_dim=8)
+
+
+def test_vocabulary_index_in_tensorflow_equals_numpy():
+    from ctr.data import vocab
+
+    rng = np.random.default_rng(0)
+    kept = np.unique(rng.integers(0, 2**62, 500, dtype=np.int64))
+    ids = np.concatenate([kept[::3], rng.integers(0, 2**62, 200, dtype=np.int64)])[:364].reshape(-1, 7)
+    np.testing.assert_array_equal(vocab.index_tf(kept, ids).numpy(), vocab.index(kept, ids))
+
+
 def test_per_feature_tables_shortcut():
     col = per_feature_tables(SCHEMA, dim=4, num_buckets=10)
     assert list(col.tables) == ["per_feature_d4"] and col.tables["per_feature_d4"].dim == 4

@@ -92,9 +92,56 @@ def test_sparse_rowwise_adagrad_equals_dense_reference():
     np.testing.assert_allclose(slots["accumulator"], acc, rtol=1e-6)
 
 
-def test_sparse_adam_equals_dense_lazy_adam():
-    """Lazy Adam: touched rows follow optax.adam's formula with the global step; other rows and moments stay."""
+def test_sparse_adam_equals_dense_optax_adam():
+    """Default SparseAdam == optax.adam on the whole table with dense (mostly zero) gradients, over steps where
+    rows skip many updates, before and after ``flush``; rows never touched stay bit for bit."""
     opt = sparse_optim.SparseAdam(learning_rate=0.01)
+    table = _table()
+    tx = optax.adam(0.01)
+    dense, dense_state = table, tx.init(table)
+    sparse, slots = table, opt.init(table)
+    update = jax.jit(
+        lambda t, s, i, g, step: sharding.update_rows(t, s, [i], [g], opt, step, None, sharding.LookupOptions())
+    )
+    rng = np.random.default_rng(1)
+    num_steps = 40
+    for step in range(num_steps):
+        # Few rows a step, from a pool of 60 (rows >= 60 never touched): most rows skip several steps.
+        ids = jnp.asarray(rng.integers(0, 60, 6).astype(np.int32))
+        grads = jnp.asarray(rng.normal(size=(6, D)), jnp.float32)
+        updates, dense_state = tx.update(_dense_grad(ids, grads), dense_state, dense)
+        dense = optax.apply_updates(dense, updates)
+        sparse, slots = update(sparse, slots, ids, grads, jnp.int32(step))
+        if step == 19:  # a flush in the middle changes nothing later
+            sparse, slots = jax.jit(opt.flush)(sparse, slots, jnp.int32(step + 1))
+            np.testing.assert_allclose(sparse, dense, rtol=2e-5, atol=2e-6)
+    moved = np.abs(np.asarray(sparse) - np.asarray(table)).max(axis=1) > 0
+    assert moved[:60].sum() > 50 and not moved[60:].any()
+    lagging = np.abs(np.asarray(sparse) - np.asarray(dense)).max()
+    assert lagging > 1e-4  # before the flush, rows not read this step still owe their moves
+    flushed, flushed_slots = jax.jit(opt.flush)(sparse, slots, jnp.int32(num_steps))
+    np.testing.assert_allclose(flushed, dense, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(flushed_slots["mu"], dense_state[0].mu, rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(flushed_slots["nu"], dense_state[0].nu, rtol=2e-5, atol=1e-9)
+    np.testing.assert_array_equal(np.asarray(flushed)[60:], np.asarray(table)[60:])
+
+
+def test_adam_tail_matches_direct_sum():
+    """The closed-form catch-up coefficient Q(s) - r^k Q(s+k) against the direct sum over skipped steps."""
+    b1, b2 = 0.9, 0.999
+    tail = sparse_optim._adam_tail(b1, b2)
+    r = b1 / np.sqrt(b2)
+    for s, k in [(1, 1), (3, 10), (50, 200), (5000, 7), (30000, 40)]:
+        m = np.arange(s + 1, s + k + 1, dtype=np.float64)
+        direct = np.sum(r ** np.arange(1, k + 1) * np.sqrt(1 - b2**m) / (1 - b1**m))
+        top = len(tail) - 1
+        closed = tail[min(s, top)] - r**k * tail[min(s + k, top)]
+        np.testing.assert_allclose(closed, direct, rtol=1e-5)
+
+
+def test_sparse_adam_lazy_equals_dense_lazy_adam():
+    """Lazy Adam: touched rows follow optax.adam's formula with the global step; other rows and moments stay."""
+    opt = sparse_optim.SparseAdam(learning_rate=0.01, lazy=True)
     table = _table()
     w, mu, nu = table, jnp.zeros((V, D)), jnp.zeros((V, D))
     for t, (ids, grads) in enumerate(_steps(), start=1):
@@ -122,7 +169,13 @@ def test_sparse_adam_first_step_equals_optax_adam():
 
 
 @pytest.mark.parametrize(
-    "optimizer", [sparse_optim.SparseAdagrad(), sparse_optim.SparseRowwiseAdagrad(), sparse_optim.SparseAdam()]
+    "optimizer",
+    [
+        sparse_optim.SparseAdagrad(),
+        sparse_optim.SparseRowwiseAdagrad(),
+        sparse_optim.SparseAdam(),
+        sparse_optim.SparseAdam(lazy=True),
+    ],
 )
 def test_update_cost_does_not_grow_with_table_size(optimizer):
     """Compiled with donation, the only whole-table instructions are the in-place scatters: no copy, no

@@ -1,0 +1,317 @@
+r"""ctr against Keras + tensorflow-recommenders on the same rows: test AUC, logloss, examples/s, peak RSS.
+
+The same DCNv2 on both sides: one embedding table per feature, indexed by the prepared vocabulary (values seen
+>= 10 times in train; one OOV row), 16 wide; 13 dense ``log(1+x)`` inputs (Criteo); 3 full-rank cross layers
+parallel with an MLP 400-400; one epoch at batch 4096.
+
+- Data: ctr's synthetic generator in the raw layout (Criteo: 1.5M rows split at random 1.2M / 100k / 200k;
+  Avazu: 11 days, day 10 valid, day 11 test), prepared once by ``ctr.prepare``; both sides read the same
+  prepared rows and the same vocabulary.
+- ctr: ``configs/<dataset>_dcnv2.gin`` as shipped (its optimizers and learning rates), with only the model
+  shape bound to the peer's, through ``ctr.train`` in its own process. examples/s is the steady rate it logs
+  after the first window (which holds the compilation).
+- Keras + TFRS: ``tfrs.layers.dcn.Cross``, ``tf.keras.layers.Embedding`` tables, Adam 1e-3 on everything
+  (TFRS's documented DCN setting), in its own process. Its input is the best we found for it: the rows already
+  as int32 vocabulary positions in memory, shuffled and cut into whole batches up front, fed as one batch per
+  ``tf.data`` element (no per-example work at all). It runs with and without ``jit_compile`` (XLA); the
+  better rate is reported, with both. examples/s is timed over the epoch after a 20-step warm-up.
+- Both sides' test AUC and logloss come from ``ctr.metrics`` over their logits (exact AUC); >= 3 seeds, mean
+  and spread (half the max-min range). Peak RSS is each process's ``ru_maxrss``.
+
+    PYTHONPATH=. python benchmarks/peers.py --dataset=criteo --seeds=0,1,2
+    PYTHONPATH=. python benchmarks/peers.py --dataset=avazu --seeds=0,1,2
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # tensorflow-recommenders needs Keras 2
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+DATASET = flags.DEFINE_enum("dataset", "criteo", ["criteo", "avazu"], "Raw layout of the synthetic data.")
+SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (the data is the same for all).")
+SYSTEMS = flags.DEFINE_list("systems", ["ctr", "keras"], "Which sides to run.")
+ROWS = flags.DEFINE_integer("rows", None, "Raw rows to generate (default: Criteo 1.5M, Avazu 2.2M).")
+EPOCHS = flags.DEFINE_float("epochs", 1.0, "Training epochs.")
+OUT = flags.DEFINE_string("out", None, "Directory for data and runs (default: a temporary one; reused if given).")
+BINDINGS = flags.DEFINE_multi_string("binding", [], "Extra gin bindings for the ctr side (ablations).")
+WORKER = flags.DEFINE_enum("worker", None, ["ctr", "keras"], "Internal: run one side in this process.")
+DATA = flags.DEFINE_string("data", None, "Internal: prepared data directory.")
+SEED = flags.DEFINE_integer("seed", 0, "Internal: the worker's seed.")
+JIT = flags.DEFINE_boolean("jit_compile", False, "Internal: Keras jit_compile.")
+RESULT = flags.DEFINE_string("result", None, "Internal: where the worker writes its JSON result.")
+
+BATCH = 4096
+EMBED_DIM = 16
+MLP = (400, 400)
+CROSS_LAYERS = 3
+SHAPE_BINDINGS = [
+    "DCNv2.structure = 'parallel'",
+    f"DCNv2.num_cross_layers = {CROSS_LAYERS}",
+    "DCNv2.cross_rank = None",
+    f"DCNv2.mlp = {MLP}",
+    "DCNv2.dropout = 0.0",
+    f"build_collection.default_dim = {EMBED_DIM}",
+]
+
+
+def model_flops_per_example(num_inputs: int) -> float:
+    """Multiply-adds x2 of one forward pass of the DCNv2 above on ``num_inputs`` concatenated input values, x3 for
+    forward + backward (the usual training estimate)."""
+    d = num_inputs
+    forward = CROSS_LAYERS * 2 * d * d
+    widths = (d,) + MLP
+    forward += sum(2 * a * b for a, b in zip(widths[:-1], widths[1:]))
+    forward += 2 * (d + MLP[-1])  # the logit over [cross, deep]
+    return 3.0 * forward
+
+
+def measure_matmul_peak(n: int = 4096, repeats: int = 5) -> float:
+    """Float32 FLOP/s of a jitted n x n matmul on the default device (best of ``repeats``)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best
+
+
+# -- data -------------------------------------------------------------------------------------------------------
+def make_data(out: str) -> str:
+    """Synthetic raw files -> ``ctr.prepare`` (min count 10) -> the prepared directory (reused when present)."""
+    import gin
+
+    from ctr import prepare
+    from ctr.data import avazu, criteo, splits
+
+    data_dir = os.path.join(out, f"{DATASET.value}_prepared")
+    if os.path.exists(os.path.join(data_dir, "metadata.json")):
+        return data_dir
+    raw_dir = os.path.join(out, f"{DATASET.value}_raw")
+    os.makedirs(raw_dir, exist_ok=True)
+    gin.clear_config()
+    if DATASET.value == "criteo":
+        rows = ROWS.value or 1_500_000
+        criteo.write_synthetic(os.path.join(raw_dir, "train.txt"), rows, seed=0)
+        gin.parse_config(["criteo.Processing.int_buckets = True", "criteo.Processing.min_count = 10"])
+        spec = splits.SplitSpec("random", (0.8, 1 / 15, 2 / 15))
+    else:
+        rows = ROWS.value or 2_200_000
+        avazu.write_synthetic(os.path.join(raw_dir, "train.csv"), rows, seed=0, days=11)
+        gin.parse_config(["avazu.Processing.min_count = 10"])
+        spec = splits.SplitSpec("time", valid="20141030")
+    prepare.prepare(DATASET.value, raw_dir, data_dir, spec, shard_bytes=64 << 20)
+    gin.clear_config()
+    return data_dir
+
+
+# -- workers ----------------------------------------------------------------------------------------------------
+def run_ctr_worker() -> dict:
+    import gin
+    import jax
+
+    from ctr import train as train_cli
+    from ctr import trainer
+
+    run_dir = os.path.join(os.path.dirname(RESULT.value), f"ctr_run_{SEED.value}")
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume of an earlier one
+    gin.clear_config()
+    train_cli.parse_config(
+        [os.path.join(train_cli.REPO_ROOT, "configs", f"{DATASET.value}_dcnv2.gin")],
+        SHAPE_BINDINGS
+        + [
+            f'DATA_DIR = "{DATA.value}"',
+            f"train.num_epochs = {EPOCHS.value}",
+            f"train.seed = {SEED.value}",
+            "train.log_every = 20",
+            "train.eval_every = 0",
+            "train.progress = False",
+            "Checkpointer.every_steps = 0",
+        ]
+        + BINDINGS.value,
+    )
+    results = trainer.train(run_dir=run_dir)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        logged = [json.loads(line) for line in f if "train/examples_per_s" in line]
+    timed = logged[1:]  # the first window holds the compilation
+    seconds = sum(20 * BATCH / r["train/examples_per_s"] for r in timed)
+    rate = len(timed) * 20 * BATCH / seconds
+    peak = measure_matmul_peak()
+    return {
+        "valid": results["valid"],
+        "test": results["test"],
+        "examples_per_s": rate,
+        "matmul_peak_flops": peak,
+        "devices": jax.device_count(),
+        "steps": results["steps"],
+    }
+
+
+def run_keras_worker() -> dict:
+    import numpy as np
+    import tensorflow as tf
+    import tensorflow_recommenders as tfrs
+
+    from ctr import metrics
+    from ctr.data import prepared, vocab
+
+    tf.keras.utils.set_random_seed(SEED.value)
+    data = prepared.prepared(DATA.value)
+    kept = prepared.vocabularies(DATA.value)
+    schema = data.schema
+
+    def arrays(split: str):
+        batch = next(data.eval_batches(split, data.num_rows(split)))[0]
+        features = {name: vocab.index(kept[name], batch[name]).astype(np.int32) for name in schema.categorical}
+        if schema.dense:
+            features["dense_input"] = batch["dense"].astype(np.float32)
+        return features, batch["label"].astype(np.float32)
+
+    train_x, train_y = arrays("train")
+    n = len(train_y)
+    steps_per_epoch = n // BATCH
+    num_steps = max(1, round(EPOCHS.value * steps_per_epoch))
+    # Whole batches up front, one per tf.data element, every epoch in its own order (seeded).
+    rng = np.random.default_rng(SEED.value)
+    orders = [rng.permutation(n)[: steps_per_epoch * BATCH] for _ in range(-(-num_steps // steps_per_epoch))]
+    order = np.concatenate(orders)[: num_steps * BATCH]
+
+    def batched(values):
+        return values[order].reshape((num_steps, BATCH) + values.shape[1:])
+
+    ds = tf.data.Dataset.from_tensor_slices(
+        ({k: batched(v) for k, v in train_x.items()}, batched(train_y))
+    ).prefetch(tf.data.AUTOTUNE)
+
+    inputs = {name: tf.keras.Input((), dtype=tf.int32, name=name) for name in schema.categorical}
+    parts = [
+        tf.keras.layers.Embedding(len(kept[name]) + 1, EMBED_DIM, name=f"emb_{name}")(inputs[name])
+        for name in schema.categorical
+    ]
+    if schema.dense:
+        inputs["dense_input"] = tf.keras.Input((len(schema.dense),), name="dense_input")
+        parts.append(inputs["dense_input"])
+    x0 = tf.keras.layers.Concatenate()(parts)
+    x = x0
+    for _ in range(CROSS_LAYERS):
+        x = tfrs.layers.dcn.Cross()(x0, x)
+    deep = x0
+    for width in MLP:
+        deep = tf.keras.layers.Dense(width, activation="relu")(deep)
+    logit = tf.keras.layers.Dense(1)(tf.keras.layers.Concatenate()([x, deep]))
+    model = tf.keras.Model(inputs, logit)
+    model.compile(
+        tf.keras.optimizers.Adam(1e-3),
+        tf.keras.losses.BinaryCrossentropy(from_logits=True),
+        jit_compile=JIT.value,
+    )
+
+    class Timer(tf.keras.callbacks.Callback):
+        warmup = 20
+
+        def on_train_batch_end(self, batch, logs=None):
+            if batch + 1 == self.warmup:
+                self.start = time.perf_counter()
+
+        def on_train_end(self, logs=None):
+            self.seconds = time.perf_counter() - self.start
+
+    timer = Timer()
+    model.fit(ds, epochs=1, verbose=0, callbacks=[timer])
+    rate = (num_steps - timer.warmup) * BATCH / timer.seconds
+
+    def evaluate(split: str) -> dict:
+        x, y = arrays(split)
+        logits = model.predict(x, batch_size=16384, verbose=0)[:, 0]
+        return metrics.evaluate(y, logits.astype(np.float64))
+
+    return {"valid": evaluate("valid"), "test": evaluate("test"), "examples_per_s": rate, "steps": num_steps}
+
+
+# -- driver -----------------------------------------------------------------------------------------------------
+def spawn(worker: str, data_dir: str, seed: int, out: str, jit: bool = False) -> dict:
+    result = os.path.join(out, f"result_{worker}_{seed}_{int(jit)}.json")
+    cmd = [
+        sys.executable, os.path.abspath(__file__), f"--worker={worker}", f"--data={data_dir}", f"--seed={seed}",
+        f"--dataset={DATASET.value}", f"--epochs={EPOCHS.value}", f"--result={result}",
+        f"--{'' if jit else 'no'}jit_compile",
+    ] + [f"--binding={b}" for b in BINDINGS.value]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+                                                      + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    subprocess.run(cmd, check=True, env=env)
+    with open(result) as f:
+        return json.load(f)
+
+
+def _summary(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    return f"{mean:.4f} ± {(max(values) - min(values)) / 2:.4f}"
+
+
+def main(argv):
+    if WORKER.value:
+        result = run_ctr_worker() if WORKER.value == "ctr" else run_keras_worker()
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        with open(RESULT.value, "w") as f:
+            json.dump(result, f)
+        return
+    out = OUT.value or tempfile.mkdtemp(prefix="ctr-peers-")
+    os.makedirs(out, exist_ok=True)
+    t = time.time()
+    data_dir = make_data(out)
+    print(f"data: {data_dir} ({time.time() - t:.0f} s)", flush=True)
+    seeds = [int(s) for s in SEEDS.value]
+    runs: dict[str, list[dict]] = {}
+    for seed in seeds:
+        if "ctr" in SYSTEMS.value:
+            runs.setdefault("ctr", []).append(spawn("ctr", data_dir, seed, out))
+            print("ctr", seed, json.dumps(runs["ctr"][-1]), flush=True)
+        if "keras" in SYSTEMS.value:
+            for jit in (False, True):
+                runs.setdefault(f"keras_jit{int(jit)}", []).append(spawn("keras", data_dir, seed, out, jit))
+                print(f"keras jit_compile={jit}", seed, json.dumps(runs[f"keras_jit{int(jit)}"][-1]), flush=True)
+
+    from ctr.data import prepared
+
+    metadata = prepared.read_metadata(data_dir)
+    num_inputs = sum(1 for _ in metadata["schema"]["categorical"]) * EMBED_DIM + len(metadata["schema"]["dense"])
+    flops = model_flops_per_example(num_inputs)
+    print(f"\n{DATASET.value}: train {metadata['splits']['train']['rows']:,} rows, {EPOCHS.value} epoch(s), batch {BATCH}, "
+          f"seeds {seeds}; model {flops / 1e6:.2f} MFLOP per training example")
+    print("| side | test AUC | test logloss | valid AUC | examples/s | peak RSS MiB |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    rates = {}
+    for name, results in runs.items():
+        rate = sum(r["examples_per_s"] for r in results) / len(results)
+        rates[name] = rate
+        print(f"| {name} | {_summary([r['test']['auc'] for r in results])} | "
+              f"{_summary([r['test']['logloss'] for r in results])} | {_summary([r['valid']['auc'] for r in results])} | "
+              f"{rate:,.0f} | {max(r['peak_rss_mib'] for r in results):,.0f} |")
+    if "ctr" in runs:
+        peak = max(r["matmul_peak_flops"] for r in runs["ctr"])
+        print(f"ctr: {rates['ctr'] * flops / peak:.1%} of the measured f32 matmul peak ({peak / 1e9:.1f} GFLOP/s)")
+    keras = [k for k in rates if k.startswith("keras")]
+    if "ctr" in rates and keras:
+        best = max(keras, key=lambda k: rates[k])
+        auc = {k: sum(r["test"]["auc"] for r in runs[k]) / len(runs[k]) for k in ["ctr", best]}
+        print(f"ctr / Keras ({best}, the faster): examples/s {rates['ctr'] / rates[best]:.2f}x, "
+              f"test AUC {auc['ctr'] - auc[best]:+.4f}")
+
+
+if __name__ == "__main__":
+    app.run(main)
