@@ -208,7 +208,7 @@ def _root_cause(e: BaseException) -> str:
     seen = [e]
     while (nxt := seen[-1].__cause__ or seen[-1].__context__) is not None and nxt not in seen:
         seen.append(nxt)
-    return errors.one_line(seen[-1], 240)
+    return errors.one_line(seen[-1])
 
 
 def _warn(message: str) -> None:

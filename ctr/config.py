@@ -32,7 +32,9 @@ def parse(gin_files: Sequence[str], gin_params: Sequence[str], skip_unknown: boo
         gin.parse_config_files_and_bindings(
             list(gin_files), list(gin_params), finalize_config=False, skip_unknown=skip_unknown
         )
-    except (ValueError, SyntaxError, OSError, TypeError) as e:  # TypeError: gin 0.5.0 on a missing include
+    except TypeError as e:  # gin 0.5.0's Python-path lookup of an include it did not find
+        raise errors.ConfigError(f"included file not found: {errors.one_line(e).split('; ', 1)[-1]}") from e
+    except (ValueError, SyntaxError, OSError) as e:
         raise errors.ConfigError(errors.one_line(e)) from e
 
 

@@ -38,9 +38,10 @@ def shorten(text: str, limit: int = MAX_LINE) -> str:
 def quote(value: bytes | str, limit: int = _MAX_QUOTE) -> str:
     """``repr(value)`` of an input value for an error line, cut to about ``limit`` characters (a field can be a
     16 KB block of NULs)."""
-    if len(value) <= limit:
-        return repr(value)
-    return f"{value[:limit]!r}... ({len(value):,} {'bytes' if isinstance(value, bytes) else 'characters'})"
+    shown = repr(value[:limit])
+    if len(value) <= limit and len(shown) <= limit + 3:
+        return shown
+    return f"{shown[:limit]}... ({len(value):,} {'bytes' if isinstance(value, bytes) else 'characters'})"
 
 
 def one_line(error: BaseException | str, limit: int = MAX_LINE) -> str:

@@ -172,8 +172,9 @@ def _checked_processing(module):
 
 
 def _check_not_empty(shards: dict[str, list[dict]], spec: splits.SplitSpec, days: tuple[int, int], raw_dir: str):
-    """Every split a run reads has rows (valid is test's rows when ``spec.valid_is_test``)."""
-    for name in splits.NAMES:
+    """Every split a run reads has rows (valid is test's rows when ``spec.valid_is_test``). Test is named before
+    valid, which the time split takes from the test day."""
+    for name in (splits.TRAIN, splits.TEST, splits.VALID):
         if name == splits.VALID and spec.valid_is_test or sum(s["rows"] for s in shards[name]):
             continue
         if spec.kind == "random":
@@ -413,8 +414,10 @@ def run(fv: flags.FlagValues) -> int:
             if fv[name].value < minimum:
                 raise errors.ConfigError(f"--{name}={fv[name].value}: must be >= {minimum}")
         spec = _split_spec(fv)
-        # The data configs also bind training-time settings (train.dataset_fn...): only Processing matters here.
-        config.parse([_resolve(f) for f in fv.gin_file], fv.gin_param, skip_unknown=True)
+        try:  # The data configs also bind training-time settings (train.dataset_fn...): only Processing matters.
+            config.parse([_resolve(f) for f in fv.gin_file], fv.gin_param, skip_unknown=True)
+        except errors.ConfigError as e:
+            return errors.report("ctr.prepare", e, "configuration error")
 
         def emit(line: str) -> None:
             print(line, file=sys.stderr, flush=True)

@@ -92,13 +92,16 @@ class _PoisonedDataset(dataset_lib.Dataset):
             yield batch
 
 
-def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tiny, tmp_path):
-    tiny("Checkpointer.every_steps = 5")
+@pytest.mark.parametrize(
+    "every_steps, kept", [(5, r"kept: \S*/nan/checkpoints/10\."), (0, "No checkpoint was written yet")]
+)
+def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tiny, tmp_path, every_steps, kept):
+    tiny(f"Checkpointer.every_steps = {every_steps}")
     clean = dataset_lib.synthetic_criteo()
     poisoned = _PoisonedDataset(clean.schema, clean.splits)
     run_dir = str(tmp_path / "nan")
-    with pytest.raises(trainer.TrainingDiverged, match=r"between steps 11 and 15.*step 10"):
+    with pytest.raises(trainer.TrainingDiverged, match=r"between steps 11 and 15; stopping\. " + kept):
         trainer.train(run_dir=run_dir, dataset_fn=lambda: poisoned)
     ckpt = checkpointing.Checkpointer(os.path.join(run_dir, "checkpoints"))
-    assert ckpt.latest_step() == 10
+    assert ckpt.latest_step() == (10 if every_steps else None)  # the named checkpoint exists (and no other)
     assert not os.path.exists(os.path.join(run_dir, "results.json"))
