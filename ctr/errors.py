@@ -53,6 +53,8 @@ def one_line(error: BaseException | str, limit: int = MAX_LINE) -> str:
     """
     lines = [line.strip() for line in str(error).splitlines()]
     kept = [l for l in lines if l and set(l) != {"^"} and not l.startswith("In call to configurable")]
+    if len(kept) > 1:
+        kept = [l[:-1] if l.endswith(".") else l for l in kept]
     return shorten("; ".join(kept) or type(error).__name__, limit)
 
 

@@ -323,7 +323,7 @@ def train(
 
     # -- loop ----------------------------------------------------------------------------------------------------
     start_step = int(state.step)
-    writer = _RunWriter(run_dir, start_step if restored is not None else None, num_steps) if lead else None
+    writer = _RunWriter(run_dir, start_step, num_steps) if lead else None
     if writer:
         writer.write_config()
     examples_seen = int(record["examples_seen"])
@@ -467,11 +467,11 @@ def _any_process(flag: bool) -> bool:
 class _RunWriter:
     """metrics.jsonl, TensorBoard events, the gin configs, results.json and plots of one run (process 0)."""
 
-    def __init__(self, run_dir: str, resumed_step: int | None = None, num_steps: int | None = None):
+    def __init__(self, run_dir: str, start_step: int | None = None, num_steps: int | None = None):
         self.run_dir = run_dir
         path = os.path.join(run_dir, "metrics.jsonl")
-        if resumed_step is not None and os.path.exists(path):
-            _drop_lines_after(path, resumed_step, num_steps)
+        if start_step is not None and os.path.exists(path):  # lines of a run killed after its last checkpoint
+            _drop_lines_after(path, start_step, num_steps)
         self._jsonl = open(path, "a", encoding="utf-8")
         try:
             import tensorflow as tf  # for tf.summary only

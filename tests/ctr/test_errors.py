@@ -120,6 +120,11 @@ def raws(tmp_path_factory):
     fields = lines[3].split("\t")
     fields[1] = "\0" * 16000  # I1: a block of NULs
     (root / "nul_field" / "train.txt").write_text("\n".join(lines[:3] + ["\t".join(fields)] + lines[4:]) + "\n")
+    os.makedirs(root / "torn_gzip")
+    criteo.write_synthetic(str(root / "torn_gzip" / "train.txt.gz"), 3000, seed=1)
+    os.truncate(root / "torn_gzip" / "train.txt.gz", os.path.getsize(root / "torn_gzip" / "train.txt.gz") // 2)
+    os.makedirs(root / "empty_file")
+    (root / "empty_file" / "train.txt").write_bytes(b"")
     (root / "a_file").write_text("not a directory\n")
     return root
 
@@ -153,6 +158,8 @@ PREPARE_CASES = [
     ("nowhere", [], "{raw}/nowhere: no Criteo files"),
     ("bad_label", [], "{raw}/bad_label/train.txt:11: field label: label must be 0 or 1, got b'7'"),
     ("nul_field", [], "{raw}/nul_field/train.txt:4: field I1: not an integer b'\\x00\\x00"),
+    ("torn_gzip", [], "corrupt or truncated gzip stream"),
+    ("empty_file", [], "{raw}/empty_file/train.txt: empty file"),
 ]  # fmt: skip
 
 
