@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+import types
 from typing import Sequence
 
 import gin
@@ -101,9 +102,21 @@ def prepare(
 
 
 def _prepare(
-    module, dataset, raw_dir, out_dir, spec, processing, seed, max_bad_rows, shard_bytes, threads, tmp_dir, emit,
-    raw_files,
-) -> dict:  # fmt: skip
+    module: types.ModuleType,
+    dataset: str,
+    raw_dir: str,
+    out_dir: str,
+    spec: splits.SplitSpec,
+    processing: object,
+    seed: int,
+    max_bad_rows: int,
+    shard_bytes: int,
+    threads: int,
+    tmp_dir: str | None,
+    emit: raw.Emit,
+    raw_files: Sequence[str],
+) -> dict:
+    """:func:`prepare` once its arguments are checked; may leave partial output (the caller removes it)."""
     os.makedirs(out_dir, exist_ok=True)
     if tmp_dir:
         os.makedirs(tmp_dir, exist_ok=True)
@@ -156,7 +169,7 @@ def _prepare(
     return metadata
 
 
-def _checked_processing(module):
+def _checked_processing(module: types.ModuleType) -> object:
     """The dataset's gin-bound ``Processing``, each field of its default's type (gin passes any value)."""
     processing = module.Processing()
     for field in dataclasses.fields(processing):

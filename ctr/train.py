@@ -92,6 +92,10 @@ def run_command(gin_files: list[str], gin_params: list[str], distributed: bool =
                 return errors.EXIT_DIVERGED
         except errors.UserError as e:
             return errors.report(COMMAND, e)
+        except RuntimeError as e:
+            if not str(e).startswith("Required bindings for"):  # gin, when a configurable is called
+                raise
+            return errors.report(COMMAND, e, "configuration error")
         except Terminated:
             print(f"{COMMAND}: stopped by SIGTERM outside the training loop (start-up or final evaluation); "
                   "checkpoints are as they were: run the same command again to resume", file=sys.stderr, flush=True)

@@ -50,6 +50,8 @@ TRAIN_CASES = [
     (["make_mesh.model = 3"], None, "make_mesh.model = 3 does not divide the 8 devices"),
     (["train.dataset_fn = @prepared", 'prepared.data_dir = "{tmp}/not_prepared"'], None,
      "{tmp}/not_prepared: not a prepared dataset (no such directory; check prepared.data_dir / DATA_DIR"),
+    (["train.dataset_fn = @prepared"], None,
+     "configuration error: Required bindings for `prepared` not provided in config: ['data_dir']"),
     (["train.batch_size = 8192"], None, "train.batch_size = 8192 is larger than the train split of criteo (4800 rows)"),
 ]  # fmt: skip
 
