@@ -17,21 +17,23 @@ from ctr import errors
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def parse(gin_files: Sequence[str], gin_params: Sequence[str], skip_unknown: bool = False) -> None:
-    """Parses ``gin_files`` then ``gin_params`` (not finalized).
+def parse(
+    gin_files: Sequence[str], gin_params: Sequence[str], skip_unknown: bool = False, base_dir: str = ""
+) -> None:
+    """Parses ``gin_files`` (relative ones taken from ``base_dir``, default the current directory) then
+    ``gin_params`` (not finalized).
 
     Raises:
       errors.ConfigError: a missing file (``--gin_file=...``), or gin's parse error (unknown configurable or
         parameter, malformed value), naming the file and line or the binding.
     """
     search_repo_first()
-    for f in gin_files:
-        if not os.path.isfile(f):
-            raise errors.ConfigError(f"--gin_file={f}: no such file (relative paths are taken from {os.getcwd()})")
+    paths = [os.path.join(base_dir, os.path.expanduser(f)) for f in gin_files]
+    for f, path in zip(gin_files, paths):
+        if not os.path.isfile(path):
+            raise errors.ConfigError(f"--gin_file={f}: no such file ({os.path.abspath(path)})")
     try:
-        gin.parse_config_files_and_bindings(
-            list(gin_files), list(gin_params), finalize_config=False, skip_unknown=skip_unknown
-        )
+        gin.parse_config_files_and_bindings(paths, list(gin_params), finalize_config=False, skip_unknown=skip_unknown)
     except TypeError as e:  # gin 0.5.0's Python-path lookup of an include it did not find
         raise errors.ConfigError(f"included file not found: {errors.one_line(e).split('; ', 1)[-1]}") from e
     except (ValueError, SyntaxError, OSError) as e:

@@ -428,7 +428,8 @@ def run(fv: flags.FlagValues) -> int:
                 raise errors.ConfigError(f"--{name}={fv[name].value}: must be >= {minimum}")
         spec = _split_spec(fv)
         try:  # The data configs also bind training-time settings (train.dataset_fn...): only Processing matters.
-            config.parse([_resolve(f) for f in fv.gin_file], fv.gin_param, skip_unknown=True)
+            config.parse(fv.gin_file, fv.gin_param, skip_unknown=True,
+                         base_dir=os.environ.get("BUILD_WORKING_DIRECTORY", ""))  # fmt: skip
         except errors.ConfigError as e:
             return errors.report("ctr.prepare", e, "configuration error")
 
