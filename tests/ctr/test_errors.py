@@ -233,3 +233,28 @@ def test_prepare_raw_files_picks_one_encoding(raws, tmp_path, capsys):
     metadata = prepare.prepared.read_metadata(str(out))
     assert metadata["accounting"]["rows_read"] == {"criteo": 300}  # one of the two copies, not both
     assert all(metadata["splits"][s]["rows"] > 0 for s in ("train", "valid", "test"))
+
+
+# -- unexpected errors ------------------------------------------------------------------------------------------
+
+
+def test_prepare_unexpected_error_keeps_its_traceback_and_leaves_nothing(raws, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(prepare, "_apply_vocab", broken)
+    out = tmp_path / "out"
+    with pytest.raises(ZeroDivisionError, match="a bug"):  # not turned into a one-line exit 2
+        _prepare(raws, "days", out, "--gin_param=criteo.Processing.min_count = 2")
+    assert not out.exists()
+
+
+@gin.configurable
+def _broken_dataset():
+    raise ZeroDivisionError("a bug")
+
+
+def test_train_unexpected_error_keeps_its_traceback(tmp_path):
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        train_cli.run_command([TINY], [f'train.run_dir = "{tmp_path}/run"', "train.dataset_fn = @_broken_dataset"])
+    assert not (tmp_path / "run").exists()
