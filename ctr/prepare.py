@@ -34,7 +34,6 @@ import time
 import types
 from typing import Sequence
 
-import gin
 import numpy as np
 from absl import app, flags
 
