@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ctr import errors
+
 AXES = ("data", "model")
 
 
@@ -27,10 +29,10 @@ def make_mesh(data: int = -1, model: int = 1) -> Mesh:
     n = jax.device_count()
     if data == -1:
         if n % model:
-            raise ValueError(f"model axis {model} does not divide the {n} devices")
+            raise errors.ConfigError(f"make_mesh.model = {model} does not divide the {n} devices")
         data = n // model
     if data * model != n:
-        raise ValueError(f"mesh {data}x{model} does not match the {n} devices")
+        raise errors.ConfigError(f"make_mesh.data x make_mesh.model = {data}x{model} does not match the {n} devices")
     # Auto axes: jax 0.10's default Explicit axes reject a plain gather on a sharded table.
     return jax.make_mesh((data, model), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
 

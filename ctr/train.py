@@ -3,7 +3,10 @@ r"""Entry point: ``bazel run //ctr:train -- --gin_file=configs/<name>.gin [--gin
 Relative paths (``--gin_file``, ``train.run_dir``, data directories) are taken from the directory the command
 was run from (``bazel run`` sets ``BUILD_WORKING_DIRECTORY``). ``include`` lines inside configs resolve against
 the repository too, so a config can be run from anywhere. Every binding is checked before any work starts: an
-unknown configurable or parameter stops the run with gin's message naming it.
+unknown configurable or parameter stops the run with gin's message naming it; the ``train`` bindings' types and
+ranges, the model name and the batch's split over the devices are checked before any data is read. Exit codes
+(docs/ERRORS.md): 0 done (or stopped by SIGTERM, resumable), 1 unexpected error (traceback), 2 a user error (one
+line naming the flag, binding or file), 3 the loss diverged.
 
 Multi-host (Cloud TPU VM: every host runs the same command): ``--distributed`` calls
 ``jax.distributed.initialize()``, which finds the coordinator itself on TPU; elsewhere pass
@@ -11,10 +14,16 @@ Multi-host (Cloud TPU VM: every host runs the same command): ``--distributed`` c
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
+from typing import Iterator
 
 from absl import app, flags, logging
+
+from ctr import config, errors
 
 FLAGS = flags.DEFINE_multi_string("gin_file", [], "Gin config file(s), applied in order.")
 PARAMS = flags.DEFINE_multi_string("gin_param", [], "Single gin bindings, applied after the files.")
@@ -23,32 +32,24 @@ COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pro
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host, non-TPU).")
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host, non-TPU).")
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMAND = "ctr.train"
+REPO_ROOT = config.REPO_ROOT
+
+
+class Terminated(BaseException):
+    """SIGTERM outside the training loop (which saves and stops by itself). A BaseException, like
+    KeyboardInterrupt, so that no ``except Exception`` on the way swallows it."""
 
 
 def parse_config(gin_files: list[str], gin_params: list[str]) -> None:
-    """Parses configs and bindings, failing on any unknown configurable or parameter."""
-    import gin
+    """Parses configs and bindings, failing on any unknown configurable or parameter.
 
+    Raises:
+      errors.ConfigError: naming the missing file or the bad binding (gin's message, one line).
+    """
     import ctr.registration  # noqa: F401  (registers every configurable before parsing)
 
-    _search_repo_first(gin)
-    missing = [f for f in gin_files if not os.path.exists(f)]
-    if missing:
-        raise FileNotFoundError(f"gin file(s) not found (relative to {os.getcwd()}): {missing}")
-    gin.parse_config_files_and_bindings(gin_files, gin_params, finalize_config=False)
-
-
-def _search_repo_first(gin) -> None:
-    """Resolves ``include`` lines against the repository before the current directory.
-
-    gin 0.5.0 tries the current directory first, and its Python-path reader then crashes (TypeError) on any
-    include whose folder is a namespace package, e.g. ``configs/base`` when run outside the repository. Putting
-    the repository first makes ``include 'configs/...'`` work from any directory.
-    """
-    prefixes = gin.config._LOCATION_PREFIXES  # no public API orders the search path
-    if REPO_ROOT not in prefixes:
-        prefixes.insert(0, REPO_ROOT)
+    config.parse(gin_files, gin_params)
 
 
 def default_run_dir(gin_files: list[str]) -> str:
@@ -56,50 +57,91 @@ def default_run_dir(gin_files: list[str]) -> str:
     return os.path.join("runs", stem)
 
 
+def run_command(gin_files: list[str], gin_params: list[str], distributed: bool = False,
+                coordinator_address: str | None = None, num_processes: int | None = None,
+                process_id: int | None = None) -> int:  # fmt: skip
+    """Parses the config and trains; returns the exit code (see the module docstring)."""
+    import gin
+
+    with _terminate_on_sigterm():
+        try:
+            parse_config(gin_files, gin_params)
+        except errors.ConfigError as e:
+            return errors.report(COMMAND, e, "configuration error")
+        try:
+            run_dir = gin.query_parameter("train.run_dir")
+        except ValueError:
+            run_dir = default_run_dir(gin_files)
+        try:
+            if distributed or coordinator_address:
+                import jax
+
+                jax.distributed.initialize(
+                    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+                )
+            from ctr import trainer
+
+            with gin.unlock_config():
+                gin.bind_parameter("train.run_dir", run_dir)
+            gin.finalize()
+            try:
+                trainer.train()
+            except trainer.TrainingDiverged as e:
+                logging.error("%s", e)
+                print(f"{COMMAND}: training diverged: {errors.one_line(e)}", file=sys.stderr, flush=True)
+                return errors.EXIT_DIVERGED
+        except errors.UserError as e:
+            return errors.report(COMMAND, e)
+        except RuntimeError as e:
+            if not str(e).startswith("Required bindings for"):  # gin, when a configurable is called
+                raise
+            return errors.report(COMMAND, e, "configuration error")
+        except Terminated:
+            print(f"{COMMAND}: stopped by SIGTERM outside the training loop (start-up or final evaluation); "
+                  "checkpoints are as they were: run the same command again to resume", file=sys.stderr, flush=True)
+            return errors.EXIT_OK
+    return errors.EXIT_OK
+
+
+@contextlib.contextmanager
+def _terminate_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` (the training loop installs its own handler while it runs)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        return errors.report(COMMAND, f"unexpected arguments: {argv[1:]}", "usage error")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and TF log every save at INFO
     if "BUILD_WORKING_DIRECTORY" in os.environ:
         os.chdir(os.environ["BUILD_WORKING_DIRECTORY"])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import gin
+    return run_command(FLAGS.value, PARAMS.value, DISTRIBUTED.value, COORDINATOR.value, NUM_PROCESSES.value,
+                       PROCESS_ID.value)  # fmt: skip
 
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flags parser, but a bad flag is one line and exit 2 (absl: the usage text, exit 1)."""
     try:
-        parse_config(FLAGS.value, PARAMS.value)
-    except (ValueError, FileNotFoundError, SyntaxError) as e:
-        print(f"ctr: configuration error: {e}", file=sys.stderr)
-        return 2
-    try:
-        run_dir = gin.query_parameter("train.run_dir")
-    except ValueError:
-        run_dir = default_run_dir(FLAGS.value)
-
-    if DISTRIBUTED.value or COORDINATOR.value:
-        import jax
-
-        jax.distributed.initialize(
-            coordinator_address=COORDINATOR.value,
-            num_processes=NUM_PROCESSES.value,
-            process_id=PROCESS_ID.value,
-        )
-    from ctr import trainer
-
-    with gin.unlock_config():
-        gin.bind_parameter("train.run_dir", run_dir)
-    gin.finalize()
-    try:
-        trainer.train()
-    except trainer.TrainingDiverged as e:
-        logging.error("%s", e)
-        print(f"ctr: training diverged: {e}", file=sys.stderr)
-        return 3
-    return 0
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(errors.report(COMMAND, e, "usage error"))
 
 
 def run() -> None:
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -26,10 +26,11 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from ctr import checkpointing, metrics, optimizers, plots, sharding
+from ctr import checkpointing, errors, metrics, optimizers, plots, sharding
 from ctr import models as model_zoo
 from ctr.data import dataset as dataset_lib
 from ctr.data import schema as schema_lib
+from ctr.data import splits as splits_lib
 from embeddings import collection as collection_lib
 from embeddings import sparse_optim
 
@@ -186,17 +187,19 @@ def train(
     """
     start_wall = time.time()
     lead = jax.process_index() == 0
-    os.makedirs(run_dir, exist_ok=True)
+    _check_config(model_name, final_eval_splits, num_steps, num_epochs, batch_size=batch_size, eval_every=eval_every,
+                  eval_batch_size=eval_batch_size, log_every=log_every, seed=seed)  # fmt: skip
     mesh = sharding.make_mesh()
     rules = sharding.logical_rules()
     n_batch_shards = sharding.axis_size(mesh, rules["batch"])
-    if batch_size % n_batch_shards or eval_batch_size % n_batch_shards:
-        raise ValueError(f"batch sizes {batch_size}/{eval_batch_size} must divide over {n_batch_shards} devices")
+    for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        if size % n_batch_shards:
+            raise errors.ConfigError(f"train.{name} = {size} does not divide over the {n_batch_shards} devices of "
+                                     f"the batch axes {rules['batch']}")  # fmt: skip
 
-    if num_steps is not None and num_epochs is not None:
-        raise ValueError(f"give train.num_steps ({num_steps}) or train.num_epochs ({num_epochs}), not both")
     dataset = dataset_fn()
     schema = dataset.schema
+    _check_splits(dataset, batch_size, eval_every, final_eval_splits)
     steps_per_epoch = dataset.steps_per_epoch(batch_size)
     if num_steps is None:
         num_steps = max(1, round((1.0 if num_epochs is None else num_epochs) * steps_per_epoch))
@@ -250,11 +253,12 @@ def train(
         "embedding_bytes": collection.parameter_bytes(),
     }
 
+    os.makedirs(run_dir, exist_ok=True)  # only now: a config or data error above leaves no run directory
     ckpt = checkpointing.Checkpointer(os.path.join(run_dir, "checkpoints"))
     record = {"examples_seen": 0, "train_wall_s": 0.0}
-    restored_step = ckpt.latest_step()
-    if restored_step is not None:
-        state, record = ckpt.restore(restored_step, checkpointing.abstract_like(state))
+    restored = ckpt.restore_latest(checkpointing.abstract_like(state))
+    if restored is not None:
+        restored_step, state, record = restored
         logging.info("resumed from %s at step %d", ckpt, restored_step)
         if lead:
             print(f"Resuming from the checkpoint at step {restored_step} in {run_dir}", flush=True)
@@ -338,10 +342,10 @@ def train(
         )
 
     # -- loop ----------------------------------------------------------------------------------------------------
-    writer = _RunWriter(run_dir) if lead else None
+    start_step = int(state.step)
+    writer = _RunWriter(run_dir, start_step, num_steps) if lead else None
     if writer:
         writer.write_config()
-    start_step = int(state.step)
     examples_seen = int(record["examples_seen"])
 
     def produce():
@@ -378,10 +382,14 @@ def train(
                     continue
                 mean_loss = float(loss_sum) / loss_count  # the only host sync between boundaries
                 if not math.isfinite(mean_loss):
+                    ckpt.wait()  # name only a checkpoint whose save has completed
+                    last = ckpt.latest_step()
+                    kept = (
+                        "No checkpoint was written yet." if last is None
+                        else f"The last good checkpoint is kept: {os.path.join(run_dir, 'checkpoints', str(last))}."
+                    )  # fmt: skip
                     raise TrainingDiverged(
-                        f"loss became {mean_loss} between steps {step - loss_count + 1} and {step}; stopping. "
-                        f"The last good checkpoint is kept in {os.path.join(run_dir, 'checkpoints')}"
-                        f" (step {ckpt.latest_step()})."
+                        f"loss became {mean_loss} between steps {step - loss_count + 1} and {step}; stopping. {kept}"
                     )
                 now = time.time()
                 rate = (step - window_step) * batch_size / max(now - window_start, 1e-9)
@@ -441,6 +449,41 @@ def train(
     return results
 
 
+def _check_config(
+    model_name: str, final_eval_splits: Any, num_steps: Any, num_epochs: Any, **ints: int
+) -> None:
+    """Types and ranges of the ``train`` bindings, before any data is read (gin passes whatever a config says)."""
+    minimum = {"eval_every": 0, "seed": None}
+    for name, value in ints.items():
+        errors.check_int(f"train.{name}", value, minimum.get(name, 1))
+    if num_steps is not None and num_epochs is not None:
+        raise errors.ConfigError(f"train.num_steps = {num_steps} and train.num_epochs = {num_epochs}: give one")
+    if num_steps is not None:
+        errors.check_int("train.num_steps", num_steps, 1)
+    if num_epochs is not None and (isinstance(num_epochs, bool) or not isinstance(num_epochs, (int, float))
+                                   or not num_epochs > 0):  # fmt: skip
+        raise errors.ConfigError(f"train.num_epochs: expected a number > 0, got {errors.shorten(repr(num_epochs), 80)}")
+    if not isinstance(model_name, str) or model_name not in model_zoo.names():
+        raise errors.ConfigError(f"train.model_name: unknown model {errors.shorten(repr(model_name), 80)}; "
+                                 f"registered: {', '.join(model_zoo.names())}")  # fmt: skip
+    if isinstance(final_eval_splits, str) or not all(s in splits_lib.NAMES for s in final_eval_splits):
+        raise errors.ConfigError(f"train.final_eval_splits: expected a tuple of {splits_lib.NAMES}, got "
+                                 f"{errors.shorten(repr(final_eval_splits), 80)}")  # fmt: skip
+
+
+def _check_splits(dataset: Any, batch_size: int, eval_every: int, final_eval_splits: tuple[str, ...]) -> None:
+    """The splits the run reads have rows, and the train split a whole global batch."""
+    where = getattr(dataset, "data_dir", None) or dataset.schema.name
+    train_rows = dataset.num_rows(splits_lib.TRAIN)
+    if train_rows < batch_size:
+        raise errors.ConfigError(f"train.batch_size = {batch_size} is larger than the train split of {where} "
+                                 f"({train_rows} rows)")  # fmt: skip
+    for split in set(final_eval_splits) | ({splits_lib.VALID} if eval_every else set()):
+        if not dataset.num_rows(split):
+            raise errors.UserError(f"the {split} split of {where} is empty (see train.final_eval_splits, "
+                                   "train.eval_every)")  # fmt: skip
+
+
 def _record(examples_seen: int, record: dict, loop_start: float) -> dict:
     return {"examples_seen": examples_seen, "train_wall_s": record["train_wall_s"] + time.time() - loop_start}
 
@@ -455,9 +498,12 @@ def _any_process(flag: bool) -> bool:
 class _RunWriter:
     """metrics.jsonl, TensorBoard events, the gin configs, results.json and plots of one run (process 0)."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, start_step: int | None = None, num_steps: int | None = None):
         self.run_dir = run_dir
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(run_dir, "metrics.jsonl")
+        if start_step is not None and os.path.exists(path):  # lines of a run killed after its last checkpoint
+            _drop_lines_after(path, start_step, num_steps)
+        self._jsonl = open(path, "a", encoding="utf-8")
         try:
             import tensorflow as tf  # for tf.summary only
         except ImportError:  # e.g. an accelerator image without TF: training does not need it
@@ -489,6 +535,26 @@ class _RunWriter:
         if self._tb is not None:
             self._tb.flush()
         plots.plot_run(self.run_dir)
+
+
+def _drop_lines_after(path: str, step: int, num_steps: int | None) -> None:
+    """Keeps the metrics.jsonl lines a run resumed at ``step`` will not write again: those up to ``step``, but not
+    the final evaluation when it resumes from its last step (it evaluates again). A torn last line goes too."""
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
+                continue
+            final = entry["step"] == num_steps and not any(k.startswith("train/") for k in entry)
+            if entry["step"] <= step and not final:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".partial", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(path + ".partial", path)
 
 
 class _progress_bar:

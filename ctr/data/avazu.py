@@ -17,11 +17,12 @@ import functools
 import gzip
 import os
 import re
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import gin
 import numpy as np
 
+from ctr import errors
 from ctr.data import raw
 from ctr.data import rows as rows_lib
 from ctr.data import schema as schema_lib
@@ -63,12 +64,14 @@ def feature_schema() -> schema_lib.FeatureSchema:
     return schema_lib.FeatureSchema(name=NAME, dense=(), categorical=CATEGORICAL)
 
 
-def input_files(raw_dir: str) -> list[str]:
-    """``train.csv`` or ``train.csv.gz`` (or ``train``/``train.gz``, as some mirrors name it) in ``raw_dir``."""
-    names = os.listdir(raw_dir) if os.path.isdir(raw_dir) else []
-    found = sorted(n for n in names if re.fullmatch(r"train(\.csv)?(\.gz)?", n))
+def input_files(raw_dir: str, patterns: Sequence[str] = ()) -> list[str]:
+    """``train.csv`` or ``train.csv.gz`` (or ``train``/``train.gz``, as some mirrors name it) in ``raw_dir``; only
+    files matching ``patterns`` (``--raw_files``) when given. Two of them are an error (which one is meant?)."""
+    found = [n for n in raw.list_dir(raw_dir, patterns) if re.fullmatch(r"train(\.csv)?(\.gz)?", n)]
     if not found:
         raise raw.ParseError(f"{raw_dir}: no Avazu file (expected train.csv[.gz])")
+    if len(found) > 1:
+        raise raw.ambiguous(raw_dir, found)
     return [os.path.join(raw_dir, found[0])]
 
 
@@ -86,11 +89,12 @@ def open_raw(
     threads: int = 2,
     emit: raw.Emit | None = None,
     tmp_dir: str | None = None,
+    raw_files: Sequence[str] = (),
 ) -> raw.RawSource:
-    """Avazu's raw file as a stream of parsed rows (a row's ``day`` is its date as YYYYMMDD); progress goes to
-    ``emit``."""
+    """Avazu's raw file (matching ``raw_files`` when given) as a stream of parsed rows (a row's ``day`` is its
+    date as YYYYMMDD); progress goes to ``emit``."""
     del processing, time_split, tmp_dir  # the vocabulary is applied by prepare; days are dates; no temp files
-    paths = input_files(raw_dir)
+    paths = input_files(raw_dir, raw_files)
     rows = read(paths, accounting, threads, raw.progress_for(NAME, paths, emit))
     return raw.RawSource(feature_schema(), rows, raw.estimate_lines(paths, 1), NAME)
 
@@ -118,7 +122,7 @@ def parse_block(block: raw.Block) -> tuple[rows_lib.Rows, list[raw.Rejection]]:
     hour_ok = hour_int & (ends[:, _HOUR] - starts[:, _HOUR] == 8) & _valid_date(2000 + yy, mm, dd) & (hh < 24)
 
     def shown(row: int, col: int) -> str:
-        return repr(text.span_bytes(data, starts[row, col], ends[row, col]))
+        return errors.quote(text.span_bytes(data, starts[row, col], ends[row, col]))
 
     checks: list[raw.Check] = [
         (click_ok, "bad_label", "click", lambda r: f"click must be 0 or 1, got {shown(r, _CLICK)}"),

@@ -19,11 +19,12 @@ import functools
 import gzip
 import os
 import re
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import gin
 import numpy as np
 
+from ctr import errors
 from ctr.data import raw
 from ctr.data import rows as rows_lib
 from ctr.data import schema as schema_lib
@@ -71,17 +72,43 @@ def feature_schema(int_buckets: bool = False) -> schema_lib.FeatureSchema:
     return schema_lib.FeatureSchema(name=NAME, dense=INT_FIELDS, categorical=categorical)
 
 
-def input_files(raw_dir: str) -> list[str]:
-    """The raw files of a Criteo download: ``train.txt[.gz]`` (Kaggle) or ``day_0``..``day_23[.gz]`` (1TB),
-    in time order."""
-    names = os.listdir(raw_dir) if os.path.isdir(raw_dir) else []
+def input_files(raw_dir: str, patterns: Sequence[str] = ()) -> list[str]:
+    """The raw files of a Criteo download in time order: ``train.txt[.gz]`` (Kaggle) or ``day_<k>[.gz]`` (1TB),
+    ordered by ``k``. Only files matching ``patterns`` (``--raw_files``) when given.
+
+    Raises:
+      ParseError: no Criteo file; two encodings of one file; the Kaggle file beside day files; a day missing
+        between the first and the last day file.
+    """
+    names = raw.list_dir(raw_dir, patterns)
     kaggle = [n for n in names if re.fullmatch(r"train\.txt(\.gz)?", n)]
-    days = sorted((n for n in names if re.fullmatch(r"day_\d+(\.gz)?", n)), key=lambda n: int(re.findall(r"\d+", n)[0]))
+    days: dict[int, list[str]] = {}
+    for n in names:
+        if re.fullmatch(r"day_\d+(\.gz)?", n):
+            days.setdefault(file_day(n), []).append(n)
+    if kaggle and days:
+        raise ParseError(f"{raw_dir}: both the Kaggle file {kaggle[0]} and daily logs day_*; choose with "
+                         f"--raw_files={kaggle[0]} or --raw_files='day_*' (or move one away)")  # fmt: skip
+    if len(kaggle) > 1:
+        raise raw.ambiguous(raw_dir, kaggle)
     if kaggle:
         return [os.path.join(raw_dir, kaggle[0])]
-    if days:
-        return [os.path.join(raw_dir, n) for n in days]
-    raise ParseError(f"{raw_dir}: no Criteo files (expected train.txt[.gz] or day_0..day_23[.gz])")
+    if not days:
+        raise ParseError(f"{raw_dir}: no Criteo files (expected train.txt[.gz] or day_0..day_23[.gz])")
+    for found in days.values():
+        if len(found) > 1:
+            raise raw.ambiguous(raw_dir, found)
+    missing = sorted(set(range(min(days), max(days) + 1)) - set(days))
+    if missing:
+        raise ParseError(f"{raw_dir}: day_{missing[0]} is missing between day_{min(days)} and day_{max(days)} "
+                         f"({len(missing)} day(s) missing; a row's day is its file's number)")  # fmt: skip
+    return [os.path.join(raw_dir, days[d][0]) for d in sorted(days)]
+
+
+def file_day(path: str) -> int | None:
+    """``k`` of a ``day_<k>[.gz]`` file; None for other names."""
+    match = re.fullmatch(r"day_(\d+)(\.gz)?", os.path.basename(path))
+    return int(match[1]) if match else None
 
 
 def open_raw(
@@ -92,16 +119,17 @@ def open_raw(
     threads: int = 2,
     emit: raw.Emit | None = None,
     tmp_dir: str | None = None,
+    raw_files: Sequence[str] = (),
 ) -> raw.RawSource:
-    """Criteo's raw files as a stream of parsed rows.
+    """Criteo's raw files (those matching ``raw_files`` when given) as a stream of parsed rows.
 
-    The ``day`` of a row is its file's index for the 1TB ``day_k`` files. For the single Kaggle file it is
+    The ``day`` of a row is ``k`` of its 1TB ``day_k`` file. For the single Kaggle file it is
     ``(line - 1) // ceil(lines / 7)`` (the file holds 7 days in time order without timestamps); counting the
     lines costs an extra streaming pass, made only when ``time_split`` needs days. Progress goes to ``emit``.
     """
-    paths = input_files(raw_dir)
+    paths = input_files(raw_dir, raw_files)
     lines_per_day = None
-    if time_split and len(paths) == 1:
+    if time_split and file_day(paths[0]) is None:
         lines_per_day = -(-raw.count_lines(paths[0]) // KAGGLE_DAYS)
     del tmp_dir  # streams straight through
     progress = raw.progress_for(NAME, paths, emit)
@@ -124,10 +152,11 @@ def read(
       accounting: receives lines read and bad rows (and raises on bad rows beyond its budget).
       int_buckets: also emit the ``I<k>_bucket`` ids (after the 26 ``C`` ids).
       threads: parser threads.
-      lines_per_day: day = (line - 1) // lines_per_day; None: day = the file's index in ``paths``.
+      lines_per_day: day = (line - 1) // lines_per_day; None: day = ``k`` of a ``day_k`` file, else the file's
+        index in ``paths``.
       progress: progress reporter.
     """
-    day_of_file = {path: i for i, path in enumerate(paths)}
+    day_of_file = {path: i if file_day(path) is None else file_day(path) for i, path in enumerate(paths)}
 
     def parse(block: raw.Block) -> tuple[rows_lib.Rows, list[raw.Rejection]]:
         return parse_block(block, int_buckets, day_of_file[block.source], lines_per_day)
@@ -152,7 +181,7 @@ def parse_block(
     ints, present, valid = text.parse_ints(words, starts[:, 1:14], ends[:, 1:14])
 
     def shown(row: int, col: int) -> str:
-        return repr(text.span_bytes(data, starts[row, col], ends[row, col]))
+        return errors.quote(text.span_bytes(data, starts[row, col], ends[row, col]))
 
     checks: list[raw.Check] = [(label_ok, "bad_label", "label", lambda r: f"label must be 0 or 1, got {shown(r, 0)}")]
     for j, field in enumerate(INT_FIELDS):

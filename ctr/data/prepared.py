@@ -26,6 +26,7 @@ from typing import Iterator
 import gin
 import numpy as np
 
+from ctr import errors
 from ctr.data import allocator
 from ctr.data import dataset as dataset_lib
 from ctr.data import rows as rows_lib
@@ -58,14 +59,30 @@ def schema_to_json(schema: schema_lib.FeatureSchema) -> dict:
     }
 
 
+class NotPrepared(errors.UserError, FileNotFoundError):
+    """A data directory that is not (or not completely) a prepared dataset."""
+
+
 def read_metadata(data_dir: str) -> dict:
+    """``metadata.json`` of a prepared dataset.
+
+    Raises:
+      NotPrepared: ``data_dir`` has no (readable) ``metadata.json``, or one of another format version; the
+        message names the directory and the binding that points at it.
+    """
     path = os.path.join(data_dir, METADATA)
+    where = "prepared.data_dir / DATA_DIR"
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: not a prepared dataset (run ctr.prepare first)")
-    with open(path) as f:
-        metadata = json.load(f)
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {metadata.get('format_version')}, expected {FORMAT_VERSION}")
+        what = "no such directory" if not os.path.isdir(data_dir) else f"no {METADATA}"
+        raise NotPrepared(f"{data_dir}: not a prepared dataset ({what}; check {where}, or run ctr.prepare first)")
+    try:
+        with open(path) as f:
+            metadata = json.load(f)
+    except (OSError, ValueError) as e:
+        raise NotPrepared(f"{path}: unreadable ({errors.one_line(e, 120)}); prepare the dataset again") from e
+    if not isinstance(metadata, dict) or metadata.get("format_version") != FORMAT_VERSION:
+        version = metadata.get("format_version") if isinstance(metadata, dict) else None
+        raise NotPrepared(f"{path}: format version {version}, expected {FORMAT_VERSION} (prepare the dataset again)")
     return metadata
 
 

@@ -17,15 +17,17 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import fnmatch
 import gzip
 import logging
 import os
 import time
 import zlib
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
+from ctr import errors
 from ctr.data import allocator
 from ctr.data import rows as rows_lib
 from ctr.data import schema as schema_lib
@@ -41,8 +43,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-class ParseError(ValueError):
-    """Raw input that does not fit its layout; the message names the file, line and field."""
+class ParseError(errors.UserError, ValueError):
+    """Raw input that does not fit its layout (or is missing); the message names the file, line and field."""
 
 
 @dataclasses.dataclass
@@ -64,6 +66,26 @@ class Block:
     num_lines: int
     truncated: bool
     file_bytes_done: int
+
+
+def list_dir(raw_dir: str, patterns: Sequence[str] = ()) -> list[str]:
+    """The file names in ``raw_dir``, sorted; with ``patterns`` (``--raw_files``, shell globs) only those matching
+    one, each pattern having to match something. A missing directory lists as empty (the reader then says which
+    files it expected)."""
+    names = sorted(os.listdir(raw_dir)) if os.path.isdir(raw_dir) else []
+    if not patterns:
+        return names
+    for pattern in patterns:
+        if not fnmatch.filter(names, pattern):
+            raise ParseError(f"{raw_dir}: --raw_files={pattern} matches no file")
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def ambiguous(raw_dir: str, names: Sequence[str]) -> ParseError:
+    """The error for a raw directory holding two inputs of which only one can be read."""
+    listed = " and ".join(names)
+    return ParseError(f"{raw_dir}: both {listed}, which hold the same data; choose one with --raw_files={names[0]} "
+                      f"(or move the other away)")  # fmt: skip
 
 
 def is_gzip(path: str) -> bool:
@@ -192,7 +214,7 @@ class RowAccounting:
     def reject(self, input_name: str, source: str, rejections: Iterable[Rejection]) -> None:
         """Counts ``rejections`` (in line order) or raises on the first one over the budget."""
         for r in rejections:
-            message = f"{source}:{r.line}: field {r.field}: {r.detail}"
+            message = f"{source}:{r.line}: field {r.field}: {errors.shorten(r.detail, 300)}"
             self._bad += 1
             if self._bad > self.max_bad_rows:
                 if self.max_bad_rows:

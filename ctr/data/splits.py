@@ -13,6 +13,8 @@ import dataclasses
 
 import numpy as np
 
+from ctr import errors
+
 TRAIN, VALID, TEST = "train", "valid", "test"
 NAMES = (TRAIN, VALID, TEST)
 _U64 = np.uint64
@@ -41,6 +43,8 @@ class SplitSpec:
             raise ValueError(f"split fractions {self.fractions} must be >= 0 and sum to 1")
         if self.kind == "time" and self.valid not in ("half", "test") and not self.valid.isdigit():
             raise ValueError(f"valid must be 'half', 'test' or a day, got {self.valid!r}")
+        if self.kind == "time" and self.valid.isdigit() and self.test_day is not None:
+            _check_valid_day(int(self.valid), self.test_day)
 
     @property
     def valid_is_test(self) -> bool:
@@ -79,7 +83,11 @@ def assign(spec: SplitSpec, day: np.ndarray, ordinal: np.ndarray, seed: int, las
         split[(split == 2) & (uniform(ordinal, seed, stream=2) < 0.5)] = 1
     elif spec.valid != "test":
         valid_day = int(spec.valid)
-        if valid_day >= test_day:
-            raise ValueError(f"valid day {valid_day} is not before the test day {test_day}")
+        _check_valid_day(valid_day, test_day)
         split[day == valid_day] = 1
     return split
+
+
+def _check_valid_day(valid_day: int, test_day: int) -> None:
+    if valid_day >= test_day:
+        raise errors.ConfigError(f"--valid={valid_day}: the valid day is not before the test day {test_day}")

@@ -34,11 +34,12 @@ import gzip
 import os
 import re
 import tempfile
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import gin
 import numpy as np
 
+from ctr import errors
 from ctr.data import raw
 from ctr.data import rows as rows_lib
 from ctr.data import schema as schema_lib
@@ -99,14 +100,17 @@ def feature_schema(max_len: int = MAX_LEN) -> schema_lib.FeatureSchema:
     )
 
 
-def input_files(raw_dir: str) -> dict[str, str]:
-    """``{name: path}`` of the four raw files (``<name>.csv`` or ``<name>.csv.gz``) in ``raw_dir``."""
-    names = os.listdir(raw_dir) if os.path.isdir(raw_dir) else []
+def input_files(raw_dir: str, patterns: Sequence[str] = ()) -> dict[str, str]:
+    """``{name: path}`` of the four raw files (``<name>.csv`` or ``<name>.csv.gz``) in ``raw_dir``; only files
+    matching ``patterns`` (``--raw_files``) when given. Both encodings of one file are an error."""
+    names = raw.list_dir(raw_dir, patterns)
     found = {}
     for name in FILES:
-        match = sorted(n for n in names if re.fullmatch(rf"{name}\.csv(\.gz)?", n))
+        match = [n for n in names if re.fullmatch(rf"{name}\.csv(\.gz)?", n)]
         if not match:
             raise raw.ParseError(f"{raw_dir}: no TaobaoAds file {name}.csv[.gz]")
+        if len(match) > 1:
+            raise raw.ambiguous(raw_dir, match)
         found[name] = os.path.join(raw_dir, match[0])
     return found
 
@@ -125,15 +129,17 @@ def open_raw(
     threads: int = 2,
     emit: raw.Emit | None = None,
     tmp_dir: str | None = None,
+    raw_files: Sequence[str] = (),
 ) -> raw.RawSource:
-    """TaobaoAds' raw files as a stream of joined rows with behaviour sequences (``day`` = YYYYMMDD, UTC+8).
+    """TaobaoAds' raw files (matching ``raw_files`` when given) as a stream of joined rows with behaviour
+    sequences (``day`` = YYYYMMDD, UTC+8).
 
     Rows come partition by partition (users grouped by ``user % partitions``), each partition in impression
     order. Temporary partition files live in ``tmp_dir`` (default: the system's) and are removed at the end.
     Progress of the two streaming passes goes to ``emit``.
     """
     del time_split  # days are dates whatever the split
-    paths = input_files(raw_dir)
+    paths = input_files(raw_dir, raw_files)
     for name, columns in zip(FILES, (SAMPLE_COLUMNS, AD_COLUMNS, USER_COLUMNS, BEHAVIOR_COLUMNS)):
         check_header(paths[name], columns)
     partitions = max(1, -(-os.path.getsize(paths["behavior_log"]) // processing.partition_bytes))
@@ -302,7 +308,7 @@ def _parse_behaviors(block: raw.Block) -> tuple[np.ndarray, list[raw.Rejection]]
 
 
 def _shown(data: np.ndarray, starts: np.ndarray, ends: np.ndarray, row: int, col: int) -> str:
-    return repr(text.span_bytes(data, starts[row, col], ends[row, col]))
+    return errors.quote(text.span_bytes(data, starts[row, col], ends[row, col]))
 
 
 def _describe_int(data: np.ndarray, starts: np.ndarray, ends: np.ndarray, col: int):

@@ -10,7 +10,7 @@ import gin
 import pytest
 
 import ctr
-from ctr import train as train_cli
+from ctr import errors, train as train_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(ctr.__file__)))
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny.gin")
@@ -38,7 +38,7 @@ def test_bad_bindings_are_rejected_at_parse_time(binding, message):
 
 
 def test_missing_gin_file_is_named():
-    with pytest.raises(FileNotFoundError, match="nope.gin"):
+    with pytest.raises(errors.ConfigError, match="--gin_file=configs/nope.gin: no such file"):
         train_cli.parse_config(["configs/nope.gin"], [])
 
 

@@ -92,13 +92,33 @@ class _PoisonedDataset(dataset_lib.Dataset):
             yield batch
 
 
-def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tiny, tmp_path):
-    tiny("Checkpointer.every_steps = 5")
+@pytest.mark.parametrize(
+    "every_steps, kept",
+    [(5, r"The last good checkpoint is kept: \S*/nan/checkpoints/10\."), (0, "No checkpoint was written yet")],
+)
+def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tiny, tmp_path, every_steps, kept):
+    tiny(f"Checkpointer.every_steps = {every_steps}")
     clean = dataset_lib.synthetic_criteo()
     poisoned = _PoisonedDataset(clean.schema, clean.splits)
     run_dir = str(tmp_path / "nan")
-    with pytest.raises(trainer.TrainingDiverged, match=r"between steps 11 and 15.*step 10"):
+    with pytest.raises(trainer.TrainingDiverged, match=r"between steps 11 and 15; stopping\. " + kept):
         trainer.train(run_dir=run_dir, dataset_fn=lambda: poisoned)
     ckpt = checkpointing.Checkpointer(os.path.join(run_dir, "checkpoints"))
-    assert ckpt.latest_step() == 10
+    assert ckpt.latest_step() == (10 if every_steps else None)  # the named checkpoint exists (and no other)
     assert not os.path.exists(os.path.join(run_dir, "results.json"))
+
+
+def test_metrics_of_a_resumed_run_drop_what_it_writes_again(tmp_path):
+    lines = [{"step": 5, "train/loss": 0.7}, {"step": 10, "train/loss": 0.6}, {"step": 10, "valid/auc": 0.6},
+             {"step": 15, "train/loss": 0.5}, {"step": 20, "train/loss": 0.4},
+             {"step": 20, "test/auc": 0.7}]  # fmt: skip
+    path = tmp_path / "metrics.jsonl"
+
+    def resume_at(step):
+        path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 25, "train/lo')  # torn last line
+        trainer._RunWriter(str(tmp_path), step, num_steps=20)._jsonl.close()
+        return [json.loads(line) for line in open(path)]
+
+    assert resume_at(10) == lines[:3]  # the checkpoint at 10 came after its log and evaluation
+    assert resume_at(20) == lines[:5]  # resumed at the end: only the final evaluation runs again
+    assert resume_at(0) == []

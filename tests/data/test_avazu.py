@@ -98,3 +98,11 @@ def test_synthetic_file_parses_in_time_order(tmp_path):
     assert len(rows) == 300 and rows.day.tolist() == sorted(rows.day.tolist())
     assert set(rows.day.tolist()) == {20141021, 20141022, 20141023}
     assert 0.05 < rows.label.mean() < 0.6
+
+
+def test_two_train_files_are_refused_unless_one_is_picked(tmp_path):
+    for name in ("train.gz", "train.csv"):
+        (tmp_path / name).write_text("x\n")
+    with pytest.raises(raw.ParseError, match=f"{tmp_path}: both train.csv and train.gz.*--raw_files=train.csv"):
+        avazu.input_files(str(tmp_path))
+    assert avazu.input_files(str(tmp_path), ["train.gz"]) == [str(tmp_path / "train.gz")]

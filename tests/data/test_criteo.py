@@ -127,14 +127,44 @@ def test_empty_and_missing_files(tmp_path):
         criteo.input_files(str(tmp_path / "nowhere"))
 
 
-def test_day_files_stream_in_order_with_days(tmp_path):
-    for day in (10, 2, 1):  # listed out of order; day_10 sorts after day_2
+def test_day_files_stream_in_order_with_the_days_of_their_names(tmp_path):
+    for day in (10, 8, 9):  # listed out of order; day_10 sorts after day_9
         criteo.write_synthetic(str(tmp_path / f"day_{day}.gz"), 50, seed=day)
     source = criteo.open_raw(str(tmp_path), raw.RowAccounting(), criteo.Processing(), threads=2)
     rows = rows_lib.Rows.concat(list(source.rows))
-    assert rows.day.tolist() == [0] * 50 + [1] * 50 + [2] * 50
+    assert rows.day.tolist() == [8] * 50 + [9] * 50 + [10] * 50  # the number in the name, not the position
     assert criteo.input_files(str(tmp_path))[-1].endswith("day_10.gz")
     assert 10 <= source.estimated_rows <= 1000
+    one = tmp_path / "one"
+    one.mkdir()
+    criteo.write_synthetic(str(one / "day_5"), 20, seed=0)
+    source = criteo.open_raw(str(one), raw.RowAccounting(), criteo.Processing(), time_split=True)
+    assert set(rows_lib.Rows.concat(list(source.rows)).day.tolist()) == {5}  # one day file is not the Kaggle file
+
+
+@pytest.mark.parametrize(
+    "names, message",
+    [
+        (["day_0", "day_2"], "day_1 is missing between day_0 and day_2"),
+        (["day_0", "day_1", "day_1.gz"], "both day_1 and day_1.gz"),
+        (["train.txt", "train.txt.gz"], "both train.txt and train.txt.gz.*--raw_files=train.txt"),
+        (["train.txt", "day_0"], "both the Kaggle file train.txt and daily logs.*--raw_files='day_\\*'"),
+    ],
+)
+def test_ambiguous_or_incomplete_directories_are_refused(tmp_path, names, message):
+    for name in names:
+        (tmp_path / name).write_text("x\n")
+    with pytest.raises(criteo.ParseError, match=f"{tmp_path}: {message}"):
+        criteo.input_files(str(tmp_path))
+
+
+def test_raw_files_picks_one_input(tmp_path):
+    for name in ("train.txt", "train.txt.gz", "day_0", "day_1"):
+        (tmp_path / name).write_text("x\n")
+    assert criteo.input_files(str(tmp_path), ["train.txt.gz"]) == [str(tmp_path / "train.txt.gz")]
+    assert criteo.input_files(str(tmp_path), ["day_*"]) == [str(tmp_path / "day_0"), str(tmp_path / "day_1")]
+    with pytest.raises(criteo.ParseError, match="--raw_files=day_9 matches no file"):
+        criteo.input_files(str(tmp_path), ["day_9"])
 
 
 def test_kaggle_file_is_split_into_seven_days(tmp_path):

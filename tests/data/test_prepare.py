@@ -197,4 +197,6 @@ def test_cli_resolves_paths_from_the_working_directory(tmp_path, criteo_raw):
         [sys.executable, "-m", "ctr.prepare", "--dataset=criteo", f"--raw_dir={tmp_path}/nothing", "--out_dir=out2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert failed.returncode != 0 and "no Criteo files" in failed.stderr
+    assert failed.returncode == 2 and failed.stderr.startswith("ctr.prepare: error: ")
+    assert "no Criteo files" in failed.stderr
+    assert len(failed.stderr.strip().splitlines()) == 1 and not (tmp_path / "out2").exists()

@@ -167,6 +167,14 @@ def test_missing_file(tmp_path):
         _read(raw_dir)
 
 
+def test_both_encodings_of_a_file_are_refused(tmp_path):
+    raw_dir = _write(tmp_path)
+    (tmp_path / "ad_feature.csv.gz").write_bytes(b"")
+    with pytest.raises(raw.ParseError, match="both ad_feature.csv and ad_feature.csv.gz"):
+        taobao.input_files(raw_dir)
+    assert taobao.input_files(raw_dir, ["*.csv"])["ad_feature"].endswith("ad_feature.csv")
+
+
 def test_synthetic_clicks_follow_the_history(tmp_path):
     taobao.write_synthetic(str(tmp_path), num_users=300, seed=1)
     _, rows = _read(str(tmp_path))
