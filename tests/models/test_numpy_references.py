@@ -1,6 +1,7 @@
 """Model blocks against naive NumPy loops written from their papers' formulas (float64, one scalar at a time):
 the DCNv2 cross layer (full and low rank), the DCN-Mix mixture of low-rank experts, DLRM's bottom MLP + pairwise
-dot interaction + top MLP, and CETNet's confidence fusion ``w = softmax(c / T)``.
+dot interaction + top MLP, multi-head attention with rotary positions and a key mask (InterFormer's), and
+CETNet's confidence fusion ``w = softmax(c / T)``.
 
 Parameters are random (biases too), so every term of a formula shows. Tolerances: the blocks compute in float32
 with sums of at most ~50 terms of magnitude ~1, so 1e-5 relative (plus 1e-5 absolute near 0) is ~100 ulps.
@@ -15,7 +16,7 @@ import pytest
 
 from ctr.models.cetnet import fuse
 from ctr.models.dlrm import DLRM
-from ctr.models.layers import CrossLayer, MixtureCrossLayer
+from ctr.models.layers import CrossLayer, MixtureCrossLayer, MultiHeadAttention
 from models_testlib import make_inputs
 
 B, D = 4, 6
@@ -137,3 +138,58 @@ def test_cetnet_fusion_weights_are_softmax_of_confidence_over_temperature(mode, 
             mixed = sum(wk * pk for wk, pk in zip(w, p))
             want = math.log(mixed / (1 - mixed))
         assert float(fused[b]) == pytest.approx(want, rel=1e-4, abs=1e-5), b
+
+
+def _numpy_rotary(vec, position, base):
+    """RoFormer (Su et al. 2021) with the half-split pairing: channel i and i + Dh/2 rotate by
+    position * base^(-2i/Dh)."""
+    half = len(vec) // 2
+    out = np.array(vec, np.float64)
+    for i in range(half):
+        angle = position * base ** (-2 * i / len(vec))
+        out[i] = vec[i] * math.cos(angle) - vec[i + half] * math.sin(angle)
+        out[i + half] = vec[i + half] * math.cos(angle) + vec[i] * math.sin(angle)
+    return out
+
+
+def test_attention_with_rotary_positions_and_key_mask():
+    """softmax over the valid keys of <rot(q_h, m), rot(k_h, n)> / sqrt(Dh), times v_h, heads concatenated and
+    projected; a query with no valid key gets only the output bias."""
+    heads, head_dim, lq, lk, base = 2, 4, 3, 5, 100.0
+    d = heads * head_dim
+    rng = np.random.default_rng(3)
+    queries = jnp.asarray(rng.normal(size=(2, lq, d)), jnp.float32)
+    keys = jnp.asarray(rng.normal(size=(2, lk, d)), jnp.float32)
+    mask = jnp.array([[True, False, True, True, False], [False] * lk])
+    q_pos, k_pos = jnp.array([[7, 8, 9]] * 2), jnp.array([[0, 2, 3, 5, 6]] * 2)
+    layer = MultiHeadAttention(num_heads=heads, rope_base=base)
+    args = (queries, keys, mask, q_pos, k_pos)
+    params = _random_params(layer, *args)
+    p = _np(params["params"])
+    got = layer.apply(params, *args)
+
+    def project(x, name):  # [D] -> [H, Dh]
+        kernel, bias = p[name]["kernel"], p[name]["bias"]
+        return np.array([[sum(x[i] * kernel[i, h, j] for i in range(d)) + bias[h, j] for j in range(head_dim)]
+                         for h in range(heads)])  # fmt: skip
+
+    want = np.zeros((2, lq, d))
+    for b in range(2):
+        ks = [project(np.asarray(keys[b, n], np.float64), "key") for n in range(lk)]
+        vs = [project(np.asarray(keys[b, n], np.float64), "value") for n in range(lk)]
+        valid = [n for n in range(lk) if mask[b, n]]
+        for m in range(lq):
+            q = project(np.asarray(queries[b, m], np.float64), "query")
+            mixed = np.zeros((heads, head_dim))
+            for h in range(heads):
+                qh = _numpy_rotary(q[h], int(q_pos[b, m]), base)
+                scores = {n: float(qh @ _numpy_rotary(ks[n][h], int(k_pos[b, n]), base)) / math.sqrt(head_dim)
+                          for n in valid}  # fmt: skip
+                total = sum(math.exp(v) for v in scores.values())
+                for n, score in scores.items():
+                    mixed[h] += math.exp(score) / total * vs[n][h]
+            for o in range(d):
+                want[b, m, o] = p["out"]["bias"][o] + sum(
+                    mixed[h, j] * p["out"]["kernel"][h, j, o] for h in range(heads) for j in range(head_dim)
+                )
+    np.testing.assert_allclose(got, want, **TOL)
