@@ -1,6 +1,6 @@
 """Model blocks against naive NumPy loops written from their papers' formulas (float64, one scalar at a time):
 the DCNv2 cross layer (full and low rank), the DCN-Mix mixture of low-rank experts, DLRM's bottom MLP + pairwise
-dot interaction + top MLP, multi-head attention with rotary positions and a key mask (InterFormer's), and
+dot interaction + top MLP, a DHEN layer's wiring, multi-head attention with rotary positions and a key mask (InterFormer's), and
 CETNet's confidence fusion ``w = softmax(c / T)``.
 
 Parameters are random (biases too), so every term of a formula shows. Tolerances: the blocks compute in float32
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from ctr.models.cetnet import fuse
+from ctr.models.dhen import DHENLayer
 from ctr.models.dlrm import DLRM
 from ctr.models.layers import CrossLayer, MixtureCrossLayer, MultiHeadAttention
 from models_testlib import make_inputs
@@ -192,4 +193,38 @@ def test_attention_with_rotary_positions_and_key_mask():
                 want[b, m, o] = p["out"]["bias"][o] + sum(
                     mixed[h, j] * p["out"]["kernel"][h, j, o] for h in range(heads) for j in range(head_dim)
                 )
+    np.testing.assert_allclose(got, want, **TOL)
+
+
+@pytest.mark.parametrize("ensemble,rank", [("concat", None), ("sum", 2)])
+def test_dhen_layer_is_layernorm_of_the_ensembled_modules_plus_the_input(ensemble, rank):
+    """DHEN (Zhang et al. 2022): X' = LayerNorm(Ensemble(Dot(X), DCN(X)) + X) per token, with Dot(X) = the
+    distinct pairwise dots mapped linearly to [T, D], DCN(X) = one cross layer on the flattened tokens (x0 = x),
+    and the ensemble a per-token linear map of the concatenated outputs, or their sum."""
+    t, d = 3, 4
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, t, d)), jnp.float32)
+    layer = DHENLayer(modules=("dot", "dcn"), ensemble=ensemble, dcn_rank=rank)
+    params = _random_params(layer, x)
+    p = _np(params["params"])
+    got = layer.apply(params, x)
+    want = np.zeros((2, t, d))
+    for b in range(2):
+        tokens = np.asarray(x[b], np.float64)
+        flat = tokens.reshape(-1)
+        dots = [tokens[i] @ tokens[j] for i, j in itertools.combinations(range(t), 2)]
+        dot_out = (_matvec(np.array(dots), p["dot"]["proj"]["kernel"]) + p["dot"]["proj"]["bias"]).reshape(t, d)
+        cross = p["dcn"]["cross"]
+        if rank is None:
+            projected = _matvec(flat, cross["w"]["kernel"]) + cross["w"]["bias"]
+        else:
+            projected = _matvec(_matvec(flat, cross["v"]["kernel"]), cross["u"]["kernel"]) + cross["u"]["bias"]
+        dcn_out = (flat * projected + flat).reshape(t, d)
+        for i in range(t):
+            if ensemble == "concat":
+                mixed = _matvec(np.concatenate([dot_out[i], dcn_out[i]]), p["ensemble"]["kernel"]) + p["ensemble"]["bias"]
+            else:
+                mixed = dot_out[i] + dcn_out[i]
+            y = mixed + tokens[i]
+            mean, var = y.mean(), ((y - y.mean()) ** 2).mean()
+            want[b, i] = (y - mean) / math.sqrt(var + 1e-6) * p["norm"]["scale"] + p["norm"]["bias"]
     np.testing.assert_allclose(got, want, **TOL)
