@@ -25,10 +25,12 @@ def dense_optimizer(
       clip_norm: clip the global gradient norm to this value, if set.
     """
     schedule: optax.Schedule | float = learning_rate
-    if warmup_steps or decay_steps:
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, learning_rate, max(warmup_steps, 1), max(warmup_steps + decay_steps, warmup_steps + 1)
-        ) if decay_steps else optax.linear_schedule(0.0, learning_rate, warmup_steps)
+    if decay_steps and not warmup_steps:  # (a 1-step warm-up would make the first update 0)
+        schedule = optax.cosine_decay_schedule(learning_rate, decay_steps)
+    elif decay_steps:
+        schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, warmup_steps + decay_steps)
+    elif warmup_steps:
+        schedule = optax.linear_schedule(0.0, learning_rate, warmup_steps)
     makers = {
         "adam": lambda: optax.adam(schedule),
         "adamw": lambda: optax.adamw(schedule, weight_decay=weight_decay),

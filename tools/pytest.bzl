@@ -26,3 +26,24 @@ def pytest_test(name, srcs, deps = [], data = [], args = [], size = "medium", **
         legacy_create_init = False,
         **kwargs
     )
+
+def check_every_test_has_a_target(exclude = []):
+    """Fails loading (so `bazel test //...` fails) when a `test_*.py` of this package is in no py_test's srcs.
+
+    Call it last in every BUILD file that holds tests: a test file without a target would otherwise never run.
+    The glob covers sub-folders that have no BUILD file of their own (they belong to this package).
+
+    Args:
+      exclude: test_*.py files that deliberately have no target.
+    """
+    listed = {}
+    for rule in native.existing_rules().values():
+        if rule["kind"] == "py_test":
+            for src in rule["srcs"]:
+                listed[src.split(":")[-1]] = True
+    missing = [f for f in native.glob(["**/test_*.py"]) if f not in listed and f not in exclude]
+    if missing:
+        fail("%s: test files with no pytest_test target (add one, or they never run): %s" % (
+            native.package_name(),
+            ", ".join(missing),
+        ))

@@ -1,6 +1,7 @@
 """The command line: config errors fail fast and clearly; a killed or preempted run resumes exactly."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -86,11 +87,15 @@ def test_cli_reports_unknown_binding_before_any_work(tmp_path):
     assert not os.path.exists(tmp_path / "runs")  # nothing was created
 
 
+NUM_STEPS = 120
+BATCH_SIZE, LOG_EVERY, EVERY_STEPS = 256, 5, 10  # tiny.gin's batch size, log and checkpoint periods
+
+
 def _start(tmp_path, run_name, *extra):
     cmd, kw = _cli(
         f'--gin_param=train.run_dir = "{run_name}"',
         '--gin_param=synthetic_criteo.data_dir = "data"',
-        "--gin_param=train.num_steps = 120",
+        f"--gin_param=train.num_steps = {NUM_STEPS}",
         *extra,
         cwd=tmp_path,
         # One device keeps the three runs quick; resume across meshes is covered in test_checkpointing.
@@ -124,14 +129,44 @@ def _results(tmp_path, run_name):
 def uninterrupted(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("uninterrupted")
     _finish(_start(tmp_path, "full"))
-    return _results(tmp_path, "full")
+    return _results(tmp_path, "full"), _train_losses(tmp_path, "full")
 
 
 def _same_final_metrics(a, b):
     for split in ("valid", "test"):
         for key in ("auc", "logloss"):
             assert a[split][key] == pytest.approx(b[split][key], rel=1e-6, abs=1e-7), (split, key)
-    assert a["examples_seen"] == b["examples_seen"]
+    # The counter is restored from the checkpoint's record: a resumed run that lost it counts only its own steps.
+    assert a["examples_seen"] == NUM_STEPS * BATCH_SIZE
+
+
+def _resumed_step(out: str) -> int:
+    """The step the restarted run says it restored (its "Resuming from the checkpoint at step N" line)."""
+    match = re.search(r"Resuming from the checkpoint at step (\d+) ", out)
+    assert match, out[-2000:]
+    return int(match.group(1))
+
+
+def _train_losses(tmp_path, run_name) -> list[tuple[int, float]]:
+    """(step, mean train loss) of every log line, in file order (a restarted run appends)."""
+    rows = [json.loads(line) for line in open(tmp_path / run_name / "metrics.jsonl")]
+    return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+
+
+def _continued_from(tmp_path, run_name, resumed_at, uninterrupted_losses):
+    """The restarted run trained only the steps after `resumed_at` (steps up to it were logged once, by the
+    first process), and the log windows it ran whole have the uninterrupted run's mean losses: it continued
+    the same trajectory, from the restored state."""
+    logged = _train_losses(tmp_path, run_name)
+    before = [s for s, _ in logged if s <= resumed_at]
+    stop_log = [resumed_at] if resumed_at % LOG_EVERY else []  # SIGTERM logs the step it stops at
+    assert before == list(range(LOG_EVERY, resumed_at + 1, LOG_EVERY)) + stop_log, before
+    last = dict(logged)  # the restarted run's value where both processes logged a step
+    expected = dict(uninterrupted_losses)
+    full_windows = [s for s in sorted(expected) if s - LOG_EVERY >= resumed_at]
+    assert full_windows and set(full_windows) <= set(last)
+    for step in full_windows:
+        assert last[step] == pytest.approx(expected[step], rel=1e-5), step
 
 
 def test_sigkill_then_rerun_resumes_and_matches_uninterrupted(tmp_path, uninterrupted):
@@ -141,8 +176,11 @@ def test_sigkill_then_rerun_resumes_and_matches_uninterrupted(tmp_path, uninterr
     proc.wait()
     assert not (tmp_path / "killed" / "results.json").exists()
     out = _finish(_start(tmp_path, "killed"))
-    assert "Resuming from the checkpoint at step" in out
-    _same_final_metrics(_results(tmp_path, "killed"), uninterrupted)
+    resumed_at = _resumed_step(out)
+    # The kill landed mid-run: the restored checkpoint is a periodic one, before the last (step NUM_STEPS).
+    assert 0 < resumed_at < NUM_STEPS and resumed_at % EVERY_STEPS == 0, resumed_at
+    _continued_from(tmp_path, "killed", resumed_at, uninterrupted[1])
+    _same_final_metrics(_results(tmp_path, "killed"), uninterrupted[0])
 
 
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, uninterrupted):
@@ -154,5 +192,6 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, uninterrupted):
     stopped_at = int(out.split("Stopped by SIGTERM at step ")[1].split(";")[0])
     assert str(stopped_at) in os.listdir(tmp_path / "preempted" / "checkpoints")
     out = _finish(_start(tmp_path, "preempted"))
-    assert f"Resuming from the checkpoint at step {stopped_at}" in out
-    _same_final_metrics(_results(tmp_path, "preempted"), uninterrupted)
+    assert _resumed_step(out) == stopped_at
+    _continued_from(tmp_path, "preempted", stopped_at, uninterrupted[1])
+    _same_final_metrics(_results(tmp_path, "preempted"), uninterrupted[0])

@@ -35,6 +35,18 @@ def _expected(lines):
     return out
 
 
+def _assert_batch_equal(batch, expected):
+    """Fingerprint ids exactly (int64: a float tolerance would pass ids 2^30 apart); floats to float32 rounding."""
+    assert set(batch) == set(expected)
+    for key, value in expected.items():
+        got = np.asarray(batch[key])
+        if np.issubdtype(value.dtype, np.integer):
+            assert got.dtype == np.int64, (key, got.dtype)
+            np.testing.assert_array_equal(got, value, err_msg=key)
+        else:
+            np.testing.assert_allclose(got, value, rtol=1e-6, err_msg=key)
+
+
 def _write(path, lines, compress=False):
     content = ("\n".join(lines) + "\n").encode()
     path.write_bytes(gzip.compress(content) if compress else content)
@@ -52,16 +64,13 @@ def test_fields_match_independent_parse(tmp_path, compress):
     rows = _read([path], int_buckets=True)
     batch = rows_lib.to_batch(criteo.feature_schema(int_buckets=True), rows.arrays())
     expected = _expected(LINES)
-    assert set(batch) == set(expected)
-    for key, value in expected.items():
-        np.testing.assert_allclose(batch[key], value, rtol=1e-6, err_msg=key)
+    _assert_batch_equal(batch, expected)
     assert rows.day.tolist() == [0, 0, 0]
 
 
 def test_parse_lines_is_the_same_parser():
     batch = criteo.parse_lines(tf.constant(LINES), int_buckets=True)
-    for key, value in _expected(LINES).items():
-        np.testing.assert_allclose(batch[key], value, rtol=1e-6, err_msg=key)
+    _assert_batch_equal(batch, _expected(LINES))
     bad = LINES[:1] + ["2" + LINES[1][1:]]
     with pytest.raises(criteo.ParseError, match=r"^f.txt:11: field label: label must be 0 or 1, got b'2'$"):
         criteo.parse_lines(tf.constant(bad), source="f.txt", first_line=10)
