@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import ctr
+from state_testlib import assert_states_close
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(ctr.__file__)))
 CAPTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "capture_train.py")
@@ -124,10 +125,4 @@ def test_two_processes_match_one_process(tmp_path, prepared_dir):
         for key in ("auc", "gauc", "logloss"):
             assert two[split][key] == pytest.approx(one[split][key], abs=1e-5), (split, key)
 
-    want_state, got_state = _final_state(tmp_path / "single"), _final_state(tmp_path / "multi")
-    for key, tree in want_state.items():
-        want_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-        got_leaves = jax.tree.leaves(got_state[key])
-        assert len(got_leaves) == len(want_leaves), key
-        for (where, want), got in zip(want_leaves, got_leaves):
-            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=f"{key}{jax.tree_util.keystr(where)}")
+    assert_states_close(_final_state(tmp_path / "single"), _final_state(tmp_path / "multi"), atol=1e-5)

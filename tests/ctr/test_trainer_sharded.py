@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from ctr import metrics, train as train_cli, trainer
+from state_testlib import assert_states_close
 
 TINY = os.path.join(os.path.dirname(__file__), "tiny.gin")
 STEPS = 20
@@ -89,14 +90,8 @@ def _assert_trains_like_replicated(state, logits, labels, replicated, num_shards
     want_state, want_logits, want_labels = replicated
     assert int(state["step"]) == STEPS
     np.testing.assert_array_equal(labels, want_labels)  # the same test examples, in the same order
-    got = _numpy(state)
-    for key, tree in want_state.items():
-        want_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-        got_leaves = jax.tree.leaves(got[key])
-        assert len(got_leaves) == len(want_leaves), key
-        for (where, want), value in zip(want_leaves, got_leaves):
-            # |entries| < 0.5, where a float32 ulp is <= 6e-8: 1e-6 is ~16 ulps, 1e-4 of one Adam step (lr 1e-2).
-            np.testing.assert_allclose(value, want, rtol=0, atol=1e-6, err_msg=f"{key}{jax.tree_util.keystr(where)}")
+    # |entries| < 0.5, where a float32 ulp is <= 6e-8: 1e-6 is ~16 ulps, 1e-4 of one Adam step (lr 1e-2).
+    assert_states_close(want_state, _numpy(state), atol=1e-6)
     # Logits sum a few hundred products of those parameters: 1e-5.
     np.testing.assert_allclose(logits, want_logits, rtol=0, atol=1e-5)
 
