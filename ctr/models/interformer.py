@@ -139,23 +139,30 @@ class NonSequenceSummary(nn.Module):
 
 
 class SequenceSummary(nn.Module):
-    """Cross Arch, sequence side: ``S_sum = Gating([S_CLS || PMA(S) || S_recent])``, ``[B, C+L, d] -> [B, C+P+K, d]``.
+    """Cross Arch, sequence side: ``S_sum = Gating([S_CLS || PMA(S) || S_recent (|| S_target)])``,
+    ``[B, C+L, d] -> [B, C+P+K (+n), d]``.
 
-    ``S`` starts with the ``C`` CLS tokens; PMA and the recent tokens read the events only. The parts are sown as
-    ``cls_tokens``, ``pma_tokens``, ``recent_tokens`` and the result as ``s_sum``.
+    ``S`` starts with the ``C`` CLS tokens; PMA, the recent tokens and the target tokens read the events only.
+    With ``target_attention``, each of the ``n`` non-sequence tokens ``X`` queries the events (an addition to the
+    paper): ``S_target = MHA(X, events)`` with identity query/key/value maps at init, so from the first step the
+    ad's category token gathers the events most like it, the target-vs-history match that the paper's CLS
+    tokens (a dense mix of all features) and PMA seeds (which see no target) have to learn from a third-order
+    interaction. The parts are sown as ``cls_tokens``, ``pma_tokens``, ``recent_tokens``, ``target_tokens`` and
+    the result as ``s_sum``.
     """
 
     num_cls: int
     num_pma: int
     num_recent: int
     num_heads: int
+    target_attention: bool = False
     gating: str = "glu"
     gate_hidden: Sequence[int] = ()
     activation: Activation = nn.swish
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, s: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, s: jax.Array, mask: jax.Array, x: jax.Array | None = None) -> jax.Array:
         cls, events, event_mask = s[:, : self.num_cls], s[:, self.num_cls :], mask[:, self.num_cls :]
         self.sow("intermediates", "cls_tokens", cls)
         parts = [cls]
@@ -167,6 +174,12 @@ class SequenceSummary(nn.Module):
             recent = most_recent(events, event_mask, self.num_recent)
             self.sow("intermediates", "recent_tokens", recent)
             parts.append(recent)
+        if self.target_attention:
+            target = MultiHeadAttention(
+                self.num_heads, identity_values=True, identity_queries_keys=True, dtype=self.dtype, name="target"
+            )(x, events, event_mask)
+            self.sow("intermediates", "target_tokens", target)
+            parts.append(target)
         s_sum = SelfGating(self.gating, self.gate_hidden, self.activation, self.dtype, name="gate")(
             jnp.concatenate(parts, axis=1)
         )
@@ -230,6 +243,11 @@ class InterFormer(nn.Module):
         equation, which did not train on our synthetic TaobaoAds data), see ``SelfGating``.
       gate_hidden: hidden widths of the gating MLPs.
       head: hidden widths of the head MLP (paper: 1024, 512, 256, 128).
+      target_attention: add ``n`` target tokens to the sequence summary, each non-sequence token attending over
+        the events (see ``SequenceSummary``).
+      head_gain_init: start the head's hidden layers with the activation's gain (``MLP.gain_init``); at LeCun
+        init the paper's four swish layers shrink the signal ~12x, so the tables' gradients start ~20x smaller
+        than DHEN's, too small for SparseAdagrad to move the rows (benchmarks/RESULTS.md, issue 10).
       activation: activation name (paper: swish).
       dropout: head dropout.
       token_norm: layer-normalise the feature tokens (see ``FeatureTokens.normalize``).
@@ -250,6 +268,8 @@ class InterFormer(nn.Module):
     gating: str = "glu"
     gate_hidden: Sequence[int] = ()
     head: Sequence[int] = (1024, 512, 256, 128)
+    head_gain_init: bool = True
+    target_attention: bool = False
     activation: str = "swish"
     dropout: float = 0.0
     token_norm: bool = True
@@ -272,9 +292,9 @@ class InterFormer(nn.Module):
                 s = jnp.concatenate([x_sum, s], axis=1)
                 mask = jnp.concatenate([jnp.ones(x_sum.shape[:2], bool), mask], axis=1)
             s_sum = SequenceSummary(
-                self.num_cls, self.num_pma, self.num_recent, self.num_heads, self.gating, tuple(self.gate_hidden),
-                act, dtype, name=f"s_summary_{i}",
-            )(s, mask)
+                self.num_cls, self.num_pma, self.num_recent, self.num_heads, self.target_attention, self.gating,
+                tuple(self.gate_hidden), act, dtype, name=f"s_summary_{i}",
+            )(s, mask, x)
             return x_sum, s, mask, s_sum
 
         x = FeatureTokens(
@@ -298,5 +318,8 @@ class InterFormer(nn.Module):
         summary = x_sum.reshape(x_sum.shape[0], -1)
         if s_sum is not None:
             summary = jnp.concatenate([summary, s_sum.reshape(s_sum.shape[0], -1)], axis=-1)
-        head = MLP((*self.head, 1), act, dropout=self.dropout, activate_last=False, dtype=dtype, name="head")
+        head = MLP(
+            (*self.head, 1), act, dropout=self.dropout, activate_last=False, gain_init=self.head_gain_init,
+            dtype=dtype, name="head",
+        )
         return head(summary, train=train)[..., 0].astype(jnp.float32)

@@ -53,6 +53,17 @@ def test_without_sequences_the_head_reads_the_non_sequence_summary():
     assert shapes["interaction_0"]["lce"] == (4, 4)
 
 
+def test_target_attention_adds_one_token_per_non_sequence_token():
+    model = tiny_model("interformer", num_cls=4, num_pma=2, num_recent=2, target_attention=True)
+    inputs = make_inputs()  # dense token + 3 features: 4 queries
+    variables = host_init(model, inputs)
+    _, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(variables, inputs)
+    sown = state["intermediates"]["s_summary_0"]
+    assert sown["target_tokens"][0].shape == (BATCH, 4, DIM)
+    assert sown["s_sum"][0].shape == (BATCH, 4 + 2 + 2 + 4, DIM)
+    assert param_shapes(model, inputs)["head"]["dense_0"]["kernel"] == ((4 + 12) * DIM, 16)
+
+
 def test_features_of_other_widths_are_projected_to_the_token_width():
     shapes = param_shapes(tiny_model("interformer"), make_inputs(feature_dims=(8, 8, 4)))
     assert shapes["tokens"]["proj_f2"]["kernel"] == (4, DIM)
