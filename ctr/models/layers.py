@@ -53,7 +53,7 @@ class MLP(nn.Module):
       activate_last: apply the activation (and dropout) after the last layer too.
       gain_init: start every layer that feeds an activation with kernel variance ``activation_gain / fan_in``
         instead of LeCun's ``1 / fan_in``, so the signal (and the gradient back to the inputs) keeps its scale
-        through deep stacks: at LeCun init each swish layer shrinks it ~1.7x (see ``InterFormer.head_gain_init``).
+        through deep stacks: at LeCun init each swish layer shrinks it ~1.7x.
       dtype: compute dtype (parameters stay float32).
     """
 
