@@ -2,12 +2,12 @@ r"""InterFormer's first steps on a noisy sequence-only task: test AUC, and wheth
 carries the rule (a linear probe), step by step.
 
 The task is ``tests/models/capacity_testlib.py``'s (the click rule: the ad's category among the user's last 5
-events), made noisy and imbalanced like real clicks: click ~ Bernoulli(sigmoid(b0 + 2.5 * rule)), b0 = -3.2
-(click rate ~0.18). Tables train with Adagrad at SparseAdagrad's rule and initial accumulator (0.1), the network
-with Adam (optionally warmed up), batch 512, as the TaobaoAds benchmark. The probe: ridge regression of the
-noise-free rule on the final cross arch's outputs (the head's input, ``[X_sum || S_sum]``), AUC on held-out
-examples; its value at step 0 is what the initialisation offers. Model bindings: ``configs/<config>.gin``, then
-``--set name=value`` constructor overrides.
+of up to ``--seq_len`` events), made noisy and imbalanced like real clicks: click ~ Bernoulli(sigmoid(b0 + 2.5 *
+rule)), b0 = -3.2 (click rate ~0.18). Tables train with Adagrad at SparseAdagrad's rule and initial accumulator
+(0.1), the network with Adam (optionally warmed up), batch 512, as the TaobaoAds benchmark. The probe: ridge
+regression of the noise-free rule on the final cross arch's outputs (the head's input, ``[X_sum || S_sum]``), AUC
+on held-out examples; its value at step 0 is what the initialisation offers. Model bindings:
+``configs/<config>.gin``, then ``--set name=value`` constructor overrides.
 
     PYTHONPATH=. python benchmarks/sequence_probe.py --config=taobao_interformer --steps=100 --warmup=50
 """
@@ -32,6 +32,7 @@ DENSE_LR = flags.DEFINE_float("dense_lr", 3e-3, "Adam learning rate of the netwo
 WARMUP = flags.DEFINE_integer("warmup", 0, "Linear warm-up steps of the network's Adam.")
 B0 = flags.DEFINE_float("b0", -3.2, "Click logit intercept (-1.25: balanced clicks).")
 SEED = flags.DEFINE_integer("seed", 0, "Data and init seed.")
+SEQ_LEN = flags.DEFINE_integer("seq_len", 20, "Longest history (the capacity test uses 10, to be cheap).")
 
 
 def noisy_task(n: int, seed: int):
@@ -55,6 +56,7 @@ def main(argv: list[str]) -> None:
 
     import capacity_testlib as cap
 
+    cap.SEQ_LEN = SEQ_LEN.value  # read by make_task
     overrides = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in SETS.value)}
     steps, batch, seed = STEPS.value, BATCH.value, SEED.value
     train, test = noisy_task(steps * batch, seed), noisy_task(20_000, seed + 1)
@@ -109,7 +111,8 @@ def main(argv: list[str]) -> None:
         t0 = time.time()
         report(0, float("nan"))
         for i in range(steps):
-            params, opt_state, loss = step(params, opt_state, {k: v[i * batch : (i + 1) * batch] for k, v in train.items()})
+            batch_i = {k: v[i * batch : (i + 1) * batch] for k, v in train.items()}
+            params, opt_state, loss = step(params, opt_state, batch_i)
             if i + 1 in (5, 10, 20) or (i + 1) % 25 == 0:
                 report(i + 1, float(loss))
     print(f"{CONFIG.value} {overrides} warmup {WARMUP.value}: click rate {train['label'].mean():.3f}")

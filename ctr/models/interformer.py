@@ -250,9 +250,10 @@ class InterFormer(nn.Module):
         sequence-only click rule finds AUC 0.91 after the first interaction arch with it, 0.72 without; on
         synthetic TaobaoAds it raised test AUC from 0.641 to 0.655 (benchmarks/RESULTS.md, issue 10).
       head_gain_init: start the head's hidden layers with the activation's gain (``MLP.gain_init``). At LeCun
-        init (the default) the paper's four swish layers shrink the signal, and the tables' gradients start
-        ~20x smaller than DHEN's; this switch restores their scale, but measured no gain on synthetic TaobaoAds
-        (test AUC 0.515 alone, 0.641 against 0.638 with the fixes of issue 10; benchmarks/RESULTS.md).
+        init the paper's four swish layers shrink the signal and the tables' gradients start ~20x smaller than
+        DHEN's. Alone it did not make InterFormer train (synthetic TaobaoAds, test AUC 0.515); with the other
+        fixes of issue 10 it was neutral without target attention (0.641 / 0.638) and, with it, the run without
+        it diverged for a while and ended at 0.509 against 0.655 (one seed each; benchmarks/RESULTS.md).
       activation: activation name (paper: swish).
       dropout: head dropout.
       token_norm: layer-normalise the feature tokens (see ``FeatureTokens.normalize``).
@@ -279,7 +280,7 @@ class InterFormer(nn.Module):
     gating: str = "glu"
     gate_hidden: Sequence[int] = ()
     head: Sequence[int] = (1024, 512, 256, 128)
-    head_gain_init: bool = False
+    head_gain_init: bool = True
     target_attention: bool = True
     activation: str = "swish"
     dropout: float = 0.0

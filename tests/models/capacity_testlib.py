@@ -29,7 +29,7 @@ from ctr.models import registry
 from ctr.models.inputs import ModelInputs
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
-SEQ_LEN = 20
+SEQ_LEN = 10
 RECENT = 5
 NUM_CATES = 100
 ROWS = {"cate": NUM_CATES + 1, "brand": 300, "adgroup_id": 1000, "userid": 1000, "pid": 2, "btag": 5}
@@ -157,7 +157,8 @@ def train_and_eval(
 
     key = jax.random.key(seed + 2)
     for i in range(steps):
-        params, opt_state, _ = step(params, opt_state, {k: v[i * batch : (i + 1) * batch] for k, v in train_data.items()},
-                                    jax.random.fold_in(key, i))  # fmt: skip
+        batch_i = {k: v[i * batch : (i + 1) * batch] for k, v in train_data.items()}
+        params, opt_state, _ = step(params, opt_state, batch_i, jax.random.fold_in(key, i))
     outputs = jax.jit(lambda p, b: model.apply(p, b))(params, test_data)
-    return {"outputs": outputs, "labels": test_data["label"], "auc": auc(test_data["label"], np.asarray(logits_of(outputs)))}
+    scores = np.asarray(logits_of(outputs))
+    return {"outputs": outputs, "labels": test_data["label"], "auc": auc(test_data["label"], scores)}
