@@ -94,7 +94,7 @@ def main(argv: list[str]) -> None:
 
         predict = jax.jit(lambda p, b: model.apply(p, b))
         sown = jax.jit(lambda p, b: model.apply(p, b, mutable=["intermediates"])[1]["intermediates"]["network"])
-        last = network.num_layers
+        last = getattr(network, "num_layers", 0)
 
         def head_input(p, data):
             s = sown(p, data)
@@ -103,7 +103,9 @@ def main(argv: list[str]) -> None:
 
         def report(i: int, loss: float) -> None:
             rows = {t: float(jnp.abs(params["params"][t]["embedding"]).mean()) for t in ("cate", "btag")}
-            probe = ridge_auc(head_input(params, probe_fit), head_input(params, probe_test))
+            probe = float("nan")  # only InterFormer has the cross arch whose outputs are probed
+            if hasattr(network, "num_cls"):
+                probe = ridge_auc(head_input(params, probe_fit), head_input(params, probe_test))
             auc = cap.auc(test["label"], np.asarray(predict(params, test)))
             print(f"step {i:>4}  train loss {loss:.4f}  test AUC {auc:.4f}  probe AUC {probe:.3f}  "
                   f"mean |row| cate {rows['cate']:.4f} btag {rows['btag']:.4f}  {time.time() - t0:.0f} s", flush=True)
