@@ -1,18 +1,21 @@
-r"""Model quality on synthetic TaobaoAds: DCNv2, DHEN, InterFormer and CETNet with the same step budget.
+r"""Model quality on synthetic TaobaoAds: DCNv2, DHEN, InterFormer and CETNet, over click mechanisms and seeds.
 
-The data is :func:`ctr.data.dataset.synthetic_taobao`: the four raw TaobaoAds files, generated so that a click is
-much more likely when the ad's category (and more so its brand) is among the user's last 50 behaviours, joined by
-the real reader and split by day (the last day is the test split). A model that only sees the behaviour
-sequences mean-pooled (DCNv2, DHEN, as in the BARS protocol) can catch part of that signal; a model that lets the
-target item look into the sequence (InterFormer's CLS tokens attending over the events) should catch more.
+The data is :func:`ctr.data.dataset.synthetic_taobao`: the four raw TaobaoAds files, generated with clicks that
+depend on the user's last 50 behaviours through one of several mechanisms (``--mechanisms``: ``presence`` of
+the ad's category/brand, ``cate_share``, ``brand_recency``; see :func:`ctr.data.taobao.write_synthetic`) plus
+user and per-ad effects (``--ad_prior``: the per-ad effect's std), joined by the real reader and split by day
+(the last day is the test split). Each (mechanism, seed) pair draws its own data and trains with its own seed.
 
-Each model is trained by the real trainer (``ctr.trainer.train``) from ``configs/taobao_<model>.gin`` (the
-BARS-style model bindings) with the benchmark's data, batch, step budget and embedding width bound on top; the
-embeddings are hashed per-feature tables, and each CETNet tower owns a set of its own (as in the paper, whose
-towers differ in their embeddings too). Reported: test AUC, gAUC (per-user AUC weighted by
-clicks) and logloss, and the training wall time.
+Each model is trained by the real trainer (``ctr.trainer.train``) from ``configs/taobao_<model>.gin``, with only
+the data, batch size, step budget and evaluation bound on top (``--embeddings=shipped``, the default, keeps the
+configs' embeddings, with per-feature tables of ``--table_rows`` hashed rows instead of the prepared
+vocabulary's, which synthetic data has not got; ``--embeddings=hashed16`` is the earlier protocol: hashed
+16-wide tables of 20,000 rows, each CETNet tower its own). ``--steps=0`` is one pass over the training split.
+Reported per mechanism: test AUC, gAUC (per-user AUC weighted by clicks) and logloss per model as mean ± std
+over the seeds, beside the logloss of the training click rate (the base rate). (CETNet's fusion weights are not
+in the trainer's results, so they are not reported here.)
 
-    PYTHONPATH=. python benchmarks/models_taobao.py --steps=600
+    PYTHONPATH=. python benchmarks/models_taobao.py --mechanisms=cate_share,brand_recency --seeds=0,1,2
 """
 from __future__ import annotations
 
@@ -26,19 +29,31 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 
 MODELS = flags.DEFINE_list("models", ["dcnv2", "dhen", "interformer", "cetnet"], "Registered models to compare.")
-STEPS = flags.DEFINE_integer("steps", 600, "Training steps per model.")
-BATCH = flags.DEFINE_integer("batch_size", 512, "Global batch size.")
-# 20k users give ~350k training impressions, more than the 600 x 512 examples of the default budget: one pass,
-# as CTR models are trained (a second epoch overfits). On 5k users (3.5 epochs) the figures measured
-# memorisation: at 2,400 steps DCNv2 and InterFormer reached test logloss 1.26 and 1.34 (benchmarks/RESULTS.md).
+MECHANISMS = flags.DEFINE_list("mechanisms", ["presence"], "Click mechanisms of the synthetic generator.")
+SEEDS = flags.DEFINE_list("seeds", ["0"], "Data and training seeds (one data draw and one run per seed).")
+AD_PRIOR = flags.DEFINE_float("ad_prior", 0.3, "Std of the generator's per-ad click effect (1.0: a strong prior).")
+STEPS = flags.DEFINE_integer("steps", 0, "Training steps per model (0: one pass over the training split).")
+BATCH = flags.DEFINE_integer("batch_size", 4096, "Global batch size.")
 USERS = flags.DEFINE_integer("num_users", 20_000, "Synthetic users (about 20 impressions each).")
-DIM = flags.DEFINE_integer("dim", 16, "Embedding width.")
-SEED = flags.DEFINE_integer("seed", 0, "Data and training seed.")
+EMBEDDINGS = flags.DEFINE_enum("embeddings", "shipped", ["shipped", "hashed16"], "Embedding setup (see above).")
+TABLE_ROWS = flags.DEFINE_integer("table_rows", 100_000, "Hashed rows per feature with --embeddings=shipped.")
 OUT = flags.DEFINE_string("out", None, "Directory for the data and the runs (default: a temporary directory).")
 OVERRIDES = flags.DEFINE_multi_string("binding", [], "Extra gin bindings applied to every model.")
 
 
-def train_one(model: str, data_dir: str, run_dir: str) -> dict:
+def embedding_bindings(model: str) -> list[str]:
+    if EMBEDDINGS.value == "shipped":  # the configs size tables from a prepared vocabulary
+        return ["PerFeature.buckets_per_feature = {}", f"PerFeature.num_buckets = {TABLE_ROWS.value}"]
+    towers = ('{"interformer": @interformer/per_feature_tables, "dhen": @dhen/per_feature_tables}')
+    return [
+        *(["train.embedding_fn = @tower_collections", f"tower_collections.towers = {towers}"]
+          if model == "cetnet" else ["train.embedding_fn = @per_feature_tables"]),  # fmt: skip
+        "per_feature_tables.dim = 16",
+        "per_feature_tables.num_buckets = 20000",
+    ]
+
+
+def train_one(model: str, data: list[str], steps: int, seed: int, run_dir: str) -> dict:
     import gin
 
     from ctr import train as train_cli
@@ -48,31 +63,16 @@ def train_one(model: str, data_dir: str, run_dir: str) -> dict:
     train_cli.parse_config(
         [os.path.join(train_cli.REPO_ROOT, "configs", f"taobao_{model}.gin")],
         [
-            "train.dataset_fn = @synthetic_taobao",
-            f'synthetic_taobao.data_dir = "{data_dir}"',
-            f"synthetic_taobao.num_users = {USERS.value}",
-            f"synthetic_taobao.seed = {SEED.value}",
+            *data,
             f"train.batch_size = {BATCH.value}",
-            f"train.eval_batch_size = {4 * BATCH.value}",
-            f"train.num_steps = {STEPS.value}",
-            f"train.seed = {SEED.value}",
-            f"train.log_every = {max(1, STEPS.value // 10)}",
+            f"train.eval_batch_size = {max(4 * BATCH.value, 16384)}",
+            f"train.num_steps = {steps}",
+            f"train.seed = {seed}",
+            f"train.log_every = {max(1, steps // 10)}",
             'train.final_eval_splits = ("test",)',
             "train.progress = False",
-            "PerFeature.buckets_per_feature = {}",  # the configs size tables from a prepared vocabulary
-            *(
-                ["train.embedding_fn = @tower_collections",
-                 'tower_collections.towers = {"interformer": @interformer/per_feature_tables, '
-                 '"dhen": @dhen/per_feature_tables}']
-                if model == "cetnet" else ["train.embedding_fn = @per_feature_tables"]
-            ),  # fmt: skip
-            f"per_feature_tables.dim = {DIM.value}",
-            "per_feature_tables.num_buckets = 20000",
             "Checkpointer.every_steps = 0",
-            # The base config's rates are for full-size data; on this small set they leave every model near
-            # the base rate (DCNv2: test AUC 0.549 at 0.05 / 1e-3, 0.687 at 0.3 / 3e-3).
-            "SparseAdagrad.learning_rate = 0.3",
-            "dense_optimizer.learning_rate = 3e-3",
+            *embedding_bindings(model),
             *OVERRIDES.value,
         ],
     )
@@ -81,27 +81,46 @@ def train_one(model: str, data_dir: str, run_dir: str) -> dict:
 
 def main(argv: list[str]) -> None:
     del argv
+    import numpy as np
+
+    from ctr.data import dataset
+
     root = OUT.value or tempfile.mkdtemp(prefix="models_taobao_")
     data_dir = os.path.join(root, "data")
-    results = {}
-    for model in MODELS.value:
-        run_dir = os.path.join(root, f"run_{model}_{STEPS.value}")
-        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: the trainer would resume from a checkpoint
-        result = train_one(model, data_dir, run_dir)
-        results[model] = {
-            **{k: result["test"][k] for k in ("auc", "gauc", "logloss")},
-            "train_wall_s": result["train_wall_s"],
-            "dense_params": result["num_params"]["dense"],
-        }
-        print(json.dumps({model: results[model]}), flush=True)
-    print(f"\nsynthetic TaobaoAds, {USERS.value} users, {STEPS.value} steps of batch {BATCH.value}, "
-          f"embedding width {DIM.value}")  # fmt: skip
-    print(f"{'model':<12} {'test AUC':>9} {'gAUC':>7} {'logloss':>8} {'train s':>8} {'dense params':>13}")
-    for model, r in results.items():
-        print(f"{model:<12} {r['auc']:>9.4f} {r['gauc']:>7.4f} {r['logloss']:>8.4f} {r['train_wall_s']:>8.1f} "
-              f"{r['dense_params']:>13,}")  # fmt: skip
+    rows = []
+    for mechanism in MECHANISMS.value:
+        for seed in map(int, SEEDS.value):
+            gen = dict(num_users=USERS.value, seed=seed, mechanism=mechanism, ad_prior=AD_PRIOR.value)
+            labels = dataset.synthetic_taobao(data_dir=data_dir, **gen).splits["train"]["label"]
+            rate = float(np.mean(labels))
+            base_logloss = -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))
+            steps = STEPS.value or -(-len(labels) // BATCH.value)
+            data = ["train.dataset_fn = @synthetic_taobao", f'synthetic_taobao.data_dir = "{data_dir}"',
+                    *(f"synthetic_taobao.{k} = {v!r}" for k, v in gen.items())]  # fmt: skip
+            for model in MODELS.value:
+                run_dir = os.path.join(root, f"run_{model}_{mechanism}_{seed}_{steps}")
+                shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: the trainer would resume
+                result = train_one(model, data, steps, seed, run_dir)
+                row = dict(model=model, mechanism=mechanism, seed=seed, steps=steps, base_logloss=base_logloss,
+                           **{k: result["test"][k] for k in ("auc", "gauc", "logloss")},
+                           train_wall_s=result["train_wall_s"])
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print(f"\nsynthetic TaobaoAds, {USERS.value} users, ad prior {AD_PRIOR.value}, batch {BATCH.value}, "
+          f"embeddings {EMBEDDINGS.value}, seeds {','.join(SEEDS.value)} (mean ± std over seeds)")
+    print(f"{'mechanism':<14} {'model':<12} {'test AUC':>15} {'gAUC':>15} {'logloss':>15} {'base':>7} {'train s':>8}")
+    for mechanism in MECHANISMS.value:
+        for model in MODELS.value:
+            rs = [r for r in rows if r["mechanism"] == mechanism and r["model"] == model]
+
+            def ms(key: str) -> str:
+                v = np.array([r[key] for r in rs])
+                return f"{v.mean():.4f} ± {v.std():.4f}"
+
+            print(f"{mechanism:<14} {model:<12} {ms('auc'):>15} {ms('gauc'):>15} {ms('logloss'):>15} "
+                  f"{np.mean([r['base_logloss'] for r in rs]):>7.4f} {np.mean([r['train_wall_s'] for r in rs]):>8.1f}")
     with open(os.path.join(root, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+        json.dump(rows, f, indent=2)
     print(f"results: {os.path.join(root, 'results.json')}")
 
 

@@ -204,13 +204,20 @@ def synthetic_taobao(
     impressions_per_user: float = 20.0,
     seed: int = 0,
     max_len: int = taobao.MAX_LEN,
+    mechanism: str = "presence",
+    ad_prior: float = 0.3,
 ) -> Dataset:
     """Synthetic data in the four raw TaobaoAds files (:func:`ctr.data.taobao.write_synthetic`: clicks depend
-    on the behaviour sequences), generated once into ``data_dir``, joined by the real reader and split by day
-    as TaobaoAds is: 2017-05-13 is test, and valid is the test day (the BARS protocol)."""
+    on the behaviour sequences through ``mechanism``, plus user effects and per-ad effects of std ``ad_prior``),
+    generated once into ``data_dir``, joined by the real reader and split by day as TaobaoAds is: 2017-05-13 is
+    test, and valid is the test day (the BARS protocol)."""
+    # The default mechanism keeps the directory name of the data generated before mechanisms existed.
+    variant = "" if (mechanism, ad_prior) == ("presence", 0.3) else f"_{mechanism}_prior{ad_prior:g}"
     raw_dir = _generated(
-        data_dir, f"taobao_synthetic_{num_users}_{seed}",
-        lambda p: taobao.write_synthetic(p, num_users, impressions_per_user, seed),
+        data_dir, f"taobao_synthetic_{num_users}_{seed}{variant}",
+        lambda p: taobao.write_synthetic(
+            p, num_users, impressions_per_user, seed, mechanism=mechanism, ad_prior=ad_prior
+        ),
     )  # fmt: skip
     source = taobao.open_raw(raw_dir, raw.RowAccounting(), taobao.Processing(max_len=max_len))
     rows = rows_lib.Rows.concat(list(source.rows))

@@ -435,19 +435,38 @@ _FIRST_BEHAVIOR_DAY = np.datetime64("2017-04-22")
 _FIRST_SAMPLE_DAY = np.datetime64("2017-05-06")
 
 
+MECHANISMS = ("presence", "cate_share", "brand_recency")
+
+
 def write_synthetic(
-    raw_dir: str, num_users: int = 2_000, impressions_per_user: float = 20.0, seed: int = 0, gzip_files: bool = False
+    raw_dir: str,
+    num_users: int = 2_000,
+    impressions_per_user: float = 20.0,
+    seed: int = 0,
+    gzip_files: bool = False,
+    mechanism: str = "presence",
+    ad_prior: float = 0.3,
 ) -> None:
     """Writes the four raw TaobaoAds files into ``raw_dir``, with learnable clicks.
 
     Users each favour a few categories and behave mostly in them (22 days of behaviours up to 2017-05-13);
     impressions (8 days, 2017-05-06..13, the last being the test day) show ads of a favourite category 40% of
-    the time. A click is much more likely when the ad's category, and more so also its brand, appears among
-    the user's last 50 behaviours before the impression: the signal a sequence model has to find (a model
-    without sequences only sees the weaker user and ad effects). 10% of users have no profile,
-    ``pvalue_level`` is often empty, 10% of brands are NULL, and the profile header's last name carries the
-    trailing space of the real file.
+    the time. The click logit is a per-user effect (std 0.3) plus a per-ad effect (std ``ad_prior``) plus the
+    sequence signal of ``mechanism``, computed from the user's last 50 behaviours strictly before the
+    impression (a model without sequences only sees the user and ad effects):
+
+    - ``presence``: the ad's category (+1.6), and also its brand (+1.0), appear among them;
+    - ``cate_share``: +5 times the share of them in the ad's category (a count, not a yes/no: what mean-pooled
+      histories see best);
+    - ``brand_recency``: the ad's brand among the last 5 behaviours (+2.2), with a weaker +0.5 for its category
+      among the 50 (order matters: pooling over 50 blurs it).
+
+    Each mechanism's intercept puts the click rate near 10%. 10% of users have no profile, ``pvalue_level`` is
+    often empty, 10% of brands are NULL, and the profile header's last name carries the trailing space of the
+    real file.
     """
+    if mechanism not in MECHANISMS:
+        raise ValueError(f"write_synthetic: unknown mechanism {mechanism!r}; known: {MECHANISMS}")
     rng = np.random.default_rng(seed)
     os.makedirs(raw_dir, exist_ok=True)
     num_cates, num_brands = 300, 1_000
@@ -460,7 +479,7 @@ def write_synthetic(
     ad_brand_null = rng.random(num_ads) < 0.1
     favourites = rng.choice(ad_cate, (num_users, 3))  # categories that have ads
     user_effect = rng.normal(0, 0.3, num_users)
-    ad_effect = rng.normal(0, 0.3, num_ads)
+    ad_effect = rng.normal(0, ad_prior, num_ads)
 
     # Behaviours: mostly in favourite categories, uniformly over 22 days (unix seconds, UTC+8 days).
     per_user = rng.poisson(60, num_users)
@@ -489,10 +508,17 @@ def write_synthetic(
     sorted_b = np.zeros(n_b, _BEHAVIOR)
     sorted_b["user"], sorted_b["ts"] = b_user[order], b_ts[order]
     index, length = histories(sorted_b, i_user, i_ts, MAX_LEN)
-    real = rows_lib.sequence_mask(length, MAX_LEN)
-    cate_seen = ((b_cate[order][index] == ad_cate[i_ad][:, None]) & real).any(axis=1)
-    brand_seen = ((b_brand[order][index] == ad_brand[i_ad][:, None]) & ~b_brand_null[order][index] & real).any(axis=1)
-    logit = -2.6 + 1.6 * cate_seen + 1.0 * (brand_seen & ~ad_brand_null[i_ad]) + user_effect[i_user] + ad_effect[i_ad]
+    real = rows_lib.sequence_mask(length, MAX_LEN)  # most recent last
+    cate_match = (b_cate[order][index] == ad_cate[i_ad][:, None]) & real
+    brand_match = ((b_brand[order][index] == ad_brand[i_ad][:, None]) & ~b_brand_null[order][index] & real
+                   & ~ad_brand_null[i_ad][:, None])  # fmt: skip
+    if mechanism == "presence":
+        signal = -2.6 + 1.6 * cate_match.any(axis=1) + 1.0 * brand_match.any(axis=1)
+    elif mechanism == "cate_share":
+        signal = -2.9 + 5.0 * cate_match.sum(axis=1) / np.maximum(length, 1)
+    else:
+        signal = -2.7 + 2.2 * brand_match[:, -5:].any(axis=1) + 0.5 * cate_match.any(axis=1)
+    logit = signal + user_effect[i_user] + ad_effect[i_ad]
     clk = (rng.random(n_i) < 1 / (1 + np.exp(-logit))).astype(np.int64)
 
     def brand_text(brand: np.ndarray, null: np.ndarray) -> list[str]:

@@ -182,3 +182,21 @@ def test_synthetic_clicks_follow_the_history(tmp_path):
     cate_seen = ((rows.seq[:, 0] == rows.ids[:, 3][:, None]) & real).any(axis=1)
     assert rows.label[cate_seen].mean() > 2 * rows.label[~cate_seen].mean()
     assert sorted(set(rows.day.tolist())) == list(range(20170506, 20170514))
+
+
+def test_synthetic_click_mechanisms_follow_their_rules(tmp_path):
+    def rows_of(mechanism):
+        raw_dir = str(tmp_path / mechanism)
+        taobao.write_synthetic(raw_dir, num_users=300, seed=1, mechanism=mechanism)
+        rows = _read(raw_dir)[1]
+        return rows, rows_lib.sequence_mask(rows.seq_len, taobao.MAX_LEN)  # left-padded: most recent last
+
+    rows, real = rows_of("cate_share")
+    share = ((rows.seq[:, 0] == rows.ids[:, 3][:, None]) & real).sum(1) / np.maximum(rows.seq_len, 1)
+    assert rows.label[share > 0.2].mean() > 3 * rows.label[share == 0].mean()
+    rows, real = rows_of("brand_recency")
+    brand_match = (rows.seq[:, 1] == rows.ids[:, 6][:, None]) & real
+    recent, older_only = brand_match[:, -5:].any(1), brand_match.any(1) & ~brand_match[:, -5:].any(1)
+    assert rows.label[recent].mean() > 2 * rows.label[older_only].mean()
+    with pytest.raises(ValueError, match="unknown mechanism 'nope'"):
+        taobao.write_synthetic(str(tmp_path / "x"), num_users=10, mechanism="nope")

@@ -16,7 +16,8 @@ def param_shapes(model, inputs):
 
 
 def test_summary_token_counts_follow_the_config():
-    model = tiny_model("interformer", num_cls=3, num_pma=1, num_recent=2, num_layers=2)
+    # The paper's tokens only (the target tokens are counted in test_target_attention_...).
+    model = tiny_model("interformer", num_cls=3, num_pma=1, num_recent=2, num_layers=2, target_attention=False)
     inputs = make_inputs()
     variables = host_init(model, inputs)
     _, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(variables, inputs)
@@ -37,7 +38,7 @@ def test_summary_token_counts_follow_the_config():
 
 @pytest.mark.parametrize("num_pma,num_recent", [(0, 2), (2, 0), (0, 0)])
 def test_pma_and_recent_tokens_can_be_removed(num_pma, num_recent):
-    model = tiny_model("interformer", num_cls=4, num_pma=num_pma, num_recent=num_recent)
+    model = tiny_model("interformer", num_cls=4, num_pma=num_pma, num_recent=num_recent, target_attention=False)
     shapes = param_shapes(model, make_inputs())
     assert ("pma" in shapes["s_summary_0"]) == bool(num_pma)
     tokens = 4 + num_pma + num_recent
@@ -51,6 +52,17 @@ def test_without_sequences_the_head_reads_the_non_sequence_summary():
     assert shapes["head"]["dense_0"]["kernel"] == (4 * DIM, 16)
     # The interaction arch sees only the feature tokens: dense token + 3 features.
     assert shapes["interaction_0"]["lce"] == (4, 4)
+
+
+def test_target_attention_adds_one_token_per_non_sequence_token():
+    model = tiny_model("interformer", num_cls=4, num_pma=2, num_recent=2, target_attention=True)
+    inputs = make_inputs()  # dense token + 3 features: 4 queries
+    variables = host_init(model, inputs)
+    _, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(variables, inputs)
+    sown = state["intermediates"]["s_summary_0"]
+    assert sown["target_tokens"][0].shape == (BATCH, 4, DIM)
+    assert sown["s_sum"][0].shape == (BATCH, 4 + 2 + 2 + 4, DIM)
+    assert param_shapes(model, inputs)["head"]["dense_0"]["kernel"] == ((4 + 12) * DIM, 16)
 
 
 def test_features_of_other_widths_are_projected_to_the_token_width():

@@ -8,9 +8,12 @@ import pytest
 
 from ctr.models.inputs import ModelInputs
 from ctr.models.layers import (
+    MLP,
     FeatureTokens,
     MultiHeadAttention,
     SelfGating,
+    activation_fn,
+    activation_gain,
     masked_mean,
     pairwise_dots,
     rotary,
@@ -54,6 +57,39 @@ def test_attention_ignores_masked_keys_and_zeroes_queries_without_keys():
     np.testing.assert_allclose(changed, out, rtol=1e-6)
     bias = params["params"]["out"]["bias"]
     np.testing.assert_allclose(out[1], jnp.broadcast_to(bias, (3, 4)), atol=1e-6)  # no key: only the out bias
+
+
+def test_identity_query_key_attention_starts_as_softmax_of_input_dot_products():
+    layer = MultiHeadAttention(num_heads=2, identity_values=True, identity_queries_keys=True)
+    q = jnp.asarray(RNG.normal(size=(2, 3, 4)), jnp.float32)
+    kv = jnp.asarray(RNG.normal(size=(2, 5, 4)), jnp.float32)
+    out = layer.apply(layer.init(jax.random.key(0), q, kv), q, kv)
+    # Reference: per head (channels 0-1 and 2-3), softmax over keys of q.k / sqrt(2), times the raw keys.
+    expected = np.zeros((2, 3, 4))
+    for h in (slice(0, 2), slice(2, 4)):
+        logits = np.einsum("bqd,bkd->bqk", q[..., h], kv[..., h]) / np.sqrt(2)
+        w = np.exp(logits - logits.max(-1, keepdims=True))
+        expected[..., h] = np.einsum("bqk,bkd->bqd", w / w.sum(-1, keepdims=True), kv[..., h])
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,gain", [("relu", 2.0), ("identity", 1.0), ("tanh", None), ("swish", None)])
+def test_activation_gain_is_one_over_the_second_moment_under_a_unit_normal(name, gain):
+    act = activation_fn(name)
+    if gain is None:  # Monte Carlo reference
+        z = np.random.default_rng(1).normal(size=2_000_000)
+        gain = 1 / np.mean(np.asarray(act(jnp.asarray(z, jnp.float32)), np.float64) ** 2)
+    assert activation_gain(act) == pytest.approx(gain, rel=5e-3)
+
+
+def test_gain_init_keeps_the_scale_through_a_deep_swish_stack():
+    x = jnp.asarray(RNG.normal(size=(4096, 128)), jnp.float32)
+    stds = {}
+    for gain_init in (False, True):
+        mlp = MLP((256, 256, 256, 256, 1), activation_fn("swish"), activate_last=False, gain_init=gain_init)
+        stds[gain_init] = float(jnp.std(mlp.apply(mlp.init(jax.random.key(0), x), x)))
+    assert 0.7 < stds[True] < 1.4  # one unit-scale input through four gain-corrected layers
+    assert stds[False] < 0.5 * stds[True]  # LeCun: ~1.7x smaller per swish layer
 
 
 def test_masked_mean():
