@@ -43,7 +43,7 @@ OVERRIDES = flags.DEFINE_multi_string("binding", [], "Extra gin bindings applied
 
 def embedding_bindings(model: str) -> list[str]:
     if EMBEDDINGS.value == "shipped":  # the configs size tables from a prepared vocabulary
-        return ["PerFeature.buckets_per_feature = {}", f"PerFeature.num_buckets = {TABLE_ROWS.value}"]
+        return ["PerFeature.vocabularies = None", f"PerFeature.num_buckets = {TABLE_ROWS.value}"]
     towers = ('{"interformer": @interformer/per_feature_tables, "dhen": @dhen/per_feature_tables}')
     return [
         *(["train.embedding_fn = @tower_collections", f"tower_collections.towers = {towers}"]
