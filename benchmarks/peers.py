@@ -249,7 +249,7 @@ def run_keras_worker() -> dict:
 def spawn(worker: str, data_dir: str, seed: int, out: str, jit: bool = False) -> dict:
     """Runs one side in a fresh process; a result already in ``out`` for the same inputs is reused (so an
     interrupted comparison can be resumed), the ctr side's keyed by its extra bindings."""
-    key = f"{worker}_{seed}_{int(jit)}"
+    key = f"{DATASET.value}_{worker}_{seed}_{int(jit)}"
     if worker == "ctr" and BINDINGS.value:
         key += "_" + hashlib.sha1("\n".join(BINDINGS.value).encode()).hexdigest()[:10]
     result = os.path.join(out, f"result_{key}_{EPOCHS.value:g}ep.json")
