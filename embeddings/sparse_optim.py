@@ -5,8 +5,8 @@ and their gradients summed (see :func:`dedupe_row_grads`); padding entries carry
 the gathers read zeros for them and the scatters drop them. Work per step is O(N * D) whatever the table size
 (no op touches a whole table), and with the table and slots donated XLA updates them in place.
 
-Semantics: SGD and Adagrad (with or without a gradient, a row's update is the same) equal the dense optimizers
-exactly, and a row that no step touched keeps its value and slots bit for bit. Adagrad follows Keras
+Semantics: SGD and Adagrad equal the dense optimizers exactly (a zero gradient changes neither a row nor its
+slots), and a row that no step touched keeps its value and slots bit for bit. Adagrad follows Keras
 (accumulator starts at 0.1) with epsilon outside the square root (tf-keras 2.21 puts it inside; with
 accumulators >= 0.1 the two differ by under 1e-6 relative). Adam is different: dense Adam (Keras on an
 ``Embedding``, torch Adam on an ``EmbeddingBag``) keeps moving a row on every step after its last gradient, as
@@ -81,9 +81,16 @@ def _scatter(values: jax.Array, rows: jax.Array, new: jax.Array) -> jax.Array:
     return values.at[rows].set(new, mode="drop")
 
 
+class _NoDeferredWork:
+    """For optimizers whose update of a row is complete when it is applied: ``flush`` has nothing to do."""
+
+    def flush(self, table, slots, step) -> tuple[jax.Array, Slots]:
+        return table, slots
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class SparseSGD:
+class SparseSGD(_NoDeferredWork):
     """Plain SGD on touched rows. ``learning_rate`` per unit gradient."""
 
     learning_rate: float = 0.01
@@ -94,13 +101,10 @@ class SparseSGD:
     def update(self, table, slots, rows, grads, step) -> tuple[jax.Array, Slots]:
         return _scatter(table, rows, _gather(table, rows) - self.learning_rate * grads), slots
 
-    def flush(self, table, slots, step) -> tuple[jax.Array, Slots]:
-        return table, slots
-
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class SparseAdagrad:
+class SparseAdagrad(_NoDeferredWork):
     """Adagrad with one accumulator per table element.
 
     ``acc += g^2; w -= lr * g / (sqrt(acc) + epsilon)``, accumulators start at ``initial_accumulator``.
@@ -118,13 +122,10 @@ class SparseAdagrad:
         new = _gather(table, rows) - self.learning_rate * grads / (jnp.sqrt(acc) + self.epsilon)
         return _scatter(table, rows, new), {"accumulator": _scatter(slots["accumulator"], rows, acc)}
 
-    def flush(self, table, slots, step) -> tuple[jax.Array, Slots]:
-        return table, slots
-
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class SparseRowwiseAdagrad:
+class SparseRowwiseAdagrad(_NoDeferredWork):
     """Row-wise Adagrad (one accumulator per row, the mean squared gradient of the row): D times less slot memory."""
 
     learning_rate: float = 0.05
@@ -139,9 +140,6 @@ class SparseRowwiseAdagrad:
         scale = self.learning_rate / (jnp.sqrt(acc) + self.epsilon)
         new = _gather(table, rows) - scale[:, None] * grads
         return _scatter(table, rows, new), {"accumulator": _scatter(slots["accumulator"], rows, acc)}
-
-    def flush(self, table, slots, step) -> tuple[jax.Array, Slots]:
-        return table, slots
 
 
 @gin.configurable
