@@ -3,8 +3,11 @@
 Bazel 4.2.3 has no rules_python offline, so this repository rule creates `venv/` inside Bazel's output base
 with the machine's Python 3.11 and `pip install -r requirements.lock`, then declares a `py_runtime` for it.
 The interpreter's absolute path exists only in the output base, never in the source tree. Editing
-requirements.lock re-runs the rule. Set CTR_PYTHON to choose the base interpreter (default: python3.11, then
-python3).
+the lock re-runs the rule. Set CTR_PYTHON to choose the base interpreter (default: python3.11, then python3).
+
+CTR_ACCELERATOR (cpu, tpu or cuda; `tools/setup.sh TARGET` sets it through `.bazelrc.accelerator`) picks the
+lock: `requirements.lock`, or `requirements-tpu.lock` / `requirements-cuda.lock`, the same pins plus the
+accelerator's build of the same jax (libtpu, the CUDA plugin).
 """
 
 _BUILD = """
@@ -46,8 +49,14 @@ def _ctr_venv_impl(rctx):
             base,
             version.stdout.strip(),
         ))
-    lock = rctx.path(rctx.attr.lock)
-    rctx.report_progress("creating the virtualenv")
+    accelerator = rctx.os.environ.get("CTR_ACCELERATOR") or "cpu"
+    locks = {"cpu": rctx.attr.lock, "tpu": rctx.attr.tpu_lock, "cuda": rctx.attr.cuda_lock}
+    if accelerator not in locks:
+        fail("ctr venv: CTR_ACCELERATOR={} is not one of cpu, tpu, cuda (rerun tools/setup.sh TARGET)".format(
+            accelerator,
+        ))
+    lock = rctx.path(locks[accelerator])
+    rctx.report_progress("creating the {} virtualenv".format(accelerator))
     _fail_on(rctx.execute([base, "-m", "venv", "venv"]), "python -m venv")
     python = rctx.path("venv/bin/python")
     rctx.report_progress("pip install -r requirements.lock (first build only, a few minutes)")
@@ -63,7 +72,11 @@ def _ctr_venv_impl(rctx):
 
 ctr_venv = repository_rule(
     implementation = _ctr_venv_impl,
-    attrs = {"lock": attr.label(mandatory = True, allow_single_file = True)},
-    environ = ["CTR_PYTHON"],
+    attrs = {
+        "lock": attr.label(mandatory = True, allow_single_file = True),
+        "tpu_lock": attr.label(mandatory = True, allow_single_file = True),
+        "cuda_lock": attr.label(mandatory = True, allow_single_file = True),
+    },
+    environ = ["CTR_PYTHON", "CTR_ACCELERATOR"],
     local = False,
 )
