@@ -9,13 +9,13 @@ import jax
 import jax.numpy as jnp
 
 from ctr.models import registry
-from ctr.models.inputs import ModelInputs
-from ctr.models.layers import MLP, CrossLayer, MixtureCrossLayer, activation_fn, flat_features
+from ctr.model_io import BinaryLogits, ModelInputs
+from ctr.models.layers import MLP, CrossLayer, MixtureCrossLayer, activation_fn, flat_features, logits_from
 
 
 @registry.register("dcnv2")
 @gin.configurable
-class DCNv2(nn.Module):
+class DCNv2(BinaryLogits, nn.Module):
     """DCNv2 over the concatenated embeddings and dense features: ``[B, ...] -> logits [B]``.
 
     Attributes:
@@ -61,4 +61,4 @@ class DCNv2(nn.Module):
             h = deep(x, train=train)
         else:
             h = jnp.concatenate([x, deep(x0, train=train)], axis=-1)
-        return nn.Dense(1, dtype=dtype, name="logit")(h)[..., 0].astype(jnp.float32)
+        return logits_from(nn.Dense(1, dtype=dtype, name="logit")(h))

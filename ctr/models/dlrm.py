@@ -9,13 +9,13 @@ import jax
 import jax.numpy as jnp
 
 from ctr.models import registry
-from ctr.models.inputs import ModelInputs
-from ctr.models.layers import MLP, FeatureTokens, activation_fn, pairwise_dots
+from ctr.model_io import BinaryLogits, ModelInputs
+from ctr.models.layers import FeatureTokens, activation_fn, mlp_logits, pairwise_dots
 
 
 @registry.register("dlrm")
 @gin.configurable
-class DLRM(nn.Module):
+class DLRM(BinaryLogits, nn.Module):
     """DLRM: ``logit = top_mlp([bottom_mlp(dense) || <e_i, e_j> for i < j])``.
 
     The dense features go through the bottom MLP to one vector of width ``dim``; it and the categorical
@@ -50,5 +50,5 @@ class DLRM(nn.Module):
         parts = [pairwise_dots(tokens)]
         if inputs.dense is not None:
             parts.insert(0, tokens[:, 0])  # the bottom MLP's output is token 0
-        top = MLP((*self.top_mlp, 1), act, dropout=self.dropout, activate_last=False, dtype=dtype, name="top_mlp")
-        return top(jnp.concatenate(parts, axis=-1), train=train)[..., 0].astype(jnp.float32)
+        return mlp_logits(jnp.concatenate(parts, axis=-1), self.top_mlp, act, dropout=self.dropout, dtype=dtype,
+                          name="top_mlp", train=train)  # fmt: skip

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ctr.models.inputs import ModelInputs
+from ctr.model_io import ModelInputs
 
 Activation = Callable[[jax.Array], jax.Array]
 
@@ -77,6 +77,22 @@ class MLP(nn.Module):
                 if self.dropout:
                     x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return x
+
+
+def logits_from(head_output: jax.Array) -> jax.Array:
+    """A head's ``[B, 1]`` output as ``[B]`` float32 logits (the loss and the metrics run in float32)."""
+    return head_output[..., 0].astype(jnp.float32)
+
+
+def mlp_logits(
+    x: jax.Array, hidden: Sequence[int], activation: Activation, *, dropout: float, dtype: Any, name: str, train: bool,
+    gain_init: bool = False,
+) -> jax.Array:
+    """The logit head of DLRM, DHEN and InterFormer: ``[B, F] -> [B]`` float32 logits through an :class:`MLP`
+    of widths ``(*hidden, 1)``, the last layer without activation. Call inside the model's compact method."""
+    head = MLP((*hidden, 1), activation, dropout=dropout, activate_last=False, gain_init=gain_init, dtype=dtype,
+               name=name)  # fmt: skip
+    return logits_from(head(x, train=train))
 
 
 class CrossLayer(nn.Module):
@@ -196,8 +212,8 @@ class FeatureTokens(nn.Module):
         needs it to compare the target item with the events (see ``InterFormer``).
       normalize: layer-normalise every token (one shared scale and bias). Embeddings start at ~0.05 while a
         dense token (e.g. TaobaoAds' log price, ~4) starts ~100x larger; without it, models whose layers mix
-        tokens learn mostly from the dense token (DHEN on synthetic TaobaoAds: test AUC 0.600 without, 0.679
-        with; benchmarks/RESULTS.md).
+        tokens learn mostly from the dense token (DHEN on synthetic TaobaoAds trains far worse without it:
+        benchmarks/RESULTS.md, "Models on synthetic TaobaoAds").
       dtype: compute dtype.
     """
 
@@ -353,9 +369,9 @@ class SelfGating(nn.Module):
     bias starts at one, so the gate starts as ``sigmoid(X + ...)``, monotone in ``X``: with a zero bias it would
     start as ``sigmoid`` of products of features, which loses their signs, and in our runs InterFormer then did not
     learn to match a target item against its history at all. Even with that bias, on synthetic TaobaoAds (15
-    features, 3 sequences) an InterFormer with the paper's form stays at the base rate (test AUC 0.505 after 600
-    steps), while ``form="glu"``, the usual gated unit ``X * sigmoid(MLP(X))``, which keeps the sign and scale
-    of ``X``, reaches 0.678 (benchmarks/RESULTS.md): InterFormer defaults to ``"glu"``.
+    features, 3 sequences) an InterFormer with the paper's form stays at the base rate, while ``form="glu"``, the
+    usual gated unit ``X * sigmoid(MLP(X))``, which keeps the sign and scale of ``X``, trains
+    (benchmarks/RESULTS.md, "Models on synthetic TaobaoAds"): InterFormer defaults to ``"glu"``.
 
     Attributes:
       form: ``"paper"`` or ``"glu"``.

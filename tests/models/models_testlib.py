@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from ctr.models import registry
-from ctr.models.inputs import ModelInputs
+from ctr.model_io import ModelInputs
 
 BATCH = 8
 SEQ_LEN = 6
