@@ -2,9 +2,10 @@
 
 gin passes whatever a config says, and a mismatch between two bindings (a batch that does not divide over the
 devices, a CETNet tower without its embedding collection) would otherwise surface as a shape or key error deep
-inside the first trace. :func:`check_bindings` runs before any data is read; :func:`check_against_data` and
-:func:`check_tables` and :func:`check_model_and_embeddings` once the dataset, the network and the collection exist, before the state is
-built. Each failure is a :class:`ctr.errors.ConfigError` (or ``UserError``) naming the bindings.
+inside the first trace. :func:`check_bindings` and :func:`check_mesh` run before any data is read;
+:func:`check_against_data`, :func:`check_tables` and :func:`check_model_and_embeddings` once the dataset, the
+network and the collection exist, before the state is built. Each failure is a :class:`ctr.errors.ConfigError`
+(or ``UserError``) naming the bindings.
 """
 from __future__ import annotations
 

@@ -127,7 +127,8 @@ def _prepare(
              f"in {time.monotonic() - start:.0f}s; writing shards")  # fmt: skip
         vocab_names = sorted(set(vocab_lib.vocab_features(source.schema).values()))
         counter = vocab_lib.Counter(vocab_names) if processing.min_count > 0 else None
-        shards = shard_writer.write_shards(source.schema, buckets, spec, seed, days[1], out_dir, counter, accounting, emit)
+        shards = shard_writer.write_shards(source.schema, buckets, spec, seed, days[1], out_dir, counter, accounting,
+                                           emit)  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _check_not_empty(shards, spec, days, raw_dir)

@@ -310,4 +310,5 @@ class _Run:
         return results
 
     def _record(self, examples_seen: int) -> dict:
-        return {"examples_seen": examples_seen, "train_wall_s": self.record["train_wall_s"] + time.time() - self.loop_start}
+        wall = self.record["train_wall_s"] + time.time() - self.loop_start
+        return {"examples_seen": examples_seen, "train_wall_s": wall}

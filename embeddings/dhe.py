@@ -125,9 +125,11 @@ class DeepHashEmbedding:
         if self.transform == "gaussian" and self.k % 2:
             raise ValueError(f"the gaussian DHE transform pairs hashes: k must be even, got {self.k}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"DeepHashEmbedding.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+            raise ValueError(f"DeepHashEmbedding.activation must be one of {sorted(ACTIVATIONS)}, "
+                             f"got {self.activation!r}")
         if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"DeepHashEmbedding.normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+            raise ValueError(f"DeepHashEmbedding.normalization must be one of {NORMALIZATIONS}, "
+                             f"got {self.normalization!r}")
 
     def build(self, key: str, specs: Sequence[FeatureSpec], row_alignment: int) -> DHEPart:
         del row_alignment  # no tables

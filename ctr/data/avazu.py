@@ -1,4 +1,4 @@
-"""Avazu mobile-ads CTR logs: raw layout, schema, streaming parser, processing options, synthetic generator.
+"""Avazu mobile-ads CTR logs: raw layout, schema, streaming parser, processing options (generator: ctr.data.synthetic).
 
 Raw layout (Kaggle ``train.csv``, plain or gzip): a header line, then one example per line, 24 comma-separated
 fields: ``id`` (row id, dropped), ``click`` (0/1), ``hour`` (``YYMMDDHH``, UTC), then 21 anonymised

@@ -1,4 +1,4 @@
-"""Criteo display-ads logs: raw layout, schema, streaming parser, processing options and a synthetic generator.
+"""Criteo display-ads logs: raw layout, schema, streaming parser, processing options (generator: ctr.data.synthetic).
 
 Raw layout (Kaggle ``train.txt``; the 1TB ``day_0``..``day_23`` files are the same, often gzipped): one example
 per line, 40 tab-separated fields, no header: ``label`` (0/1), ``I1``..``I13`` integer counts (``I2`` has small
@@ -173,7 +173,9 @@ def parse_block(
     def shown(row: int, col: int) -> str:
         return errors.quote(text.span_bytes(data, starts[row, col], ends[row, col]))
 
-    checks: list[row_accounting.Check] = [(label_ok, "bad_label", "label", lambda r: f"label must be 0 or 1, got {shown(r, 0)}")]
+    checks: list[row_accounting.Check] = [
+        (label_ok, "bad_label", "label", lambda r: f"label must be 0 or 1, got {shown(r, 0)}")
+    ]
     for j, field in enumerate(INT_FIELDS):
         checks.append((valid[:, j], "not_an_integer", field, lambda r, j=j: f"not an integer {shown(r, 1 + j)}"))
     keep, rejections = row_accounting.block_rejections(block, spans, checks, _LAYOUT)

@@ -7,9 +7,9 @@ Every reader goes through here, so every dataset gets the same guarantees:
 - gzip is detected from the file's magic bytes, not its name. A corrupt or truncated gzip stream, a missing
   file and a file without data rows are errors naming the file (and the line reached).
 - A file whose last line has no newline is treated as truncated: that line is a bad row.
-- Nothing is dropped silently. A parser reports each bad row as a
-  :class:`~ctr.data.row_accounting.Rejection` (line, reason, field);
-  :class:`~ctr.data.row_accounting.RowAccounting` either raises a :class:`ParseError` naming file, line and field (the default,
+- Nothing is dropped silently. A parser reports each bad row as a :class:`~ctr.data.row_accounting.Rejection`
+  (line, reason, field); :class:`~ctr.data.row_accounting.RowAccounting` either raises a :class:`ParseError`
+  naming file, line and field (the default,
   ``max_bad_rows=0``) or, under an explicit ``max_bad_rows`` budget, counts the skip by reason. Rows read,
   written per split and rejected per reason balance, and are stored with the prepared data.
 """

@@ -1,4 +1,4 @@
-"""TaobaoAds (Ali_Display_Ad_Click): raw layout, join, behaviour sequences, schema, synthetic generator.
+"""TaobaoAds (Ali_Display_Ad_Click): raw layout, join, behaviour sequences, schema (generator: ctr.data.synthetic).
 
 Raw layout (four CSV files with headers, each plain or gzip):
 
@@ -184,13 +184,17 @@ def _load_table(
     id_columns = [columns.index(f) for f in id_fields]
     layout = f"{len(columns)} comma-separated fields"
 
-    def parse(block: raw.Block) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], list[row_accounting.Rejection]]:
+    Parsed = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+    def parse(block: raw.Block) -> tuple[Parsed, list[row_accounting.Rejection]]:
         data = block.data
         spans = text.split_fields(data, b",", len(columns))
         words = text.Words(data)
         key, _, key_ok = text.parse_ints(words, spans.starts[:, 0], spans.ends[:, 0])
         key_ok &= spans.ends[:, 0] > spans.starts[:, 0]
-        checks: list[row_accounting.Check] = [(key_ok, "not_an_integer", columns[0], lambda r: "key must be an integer")]
+        checks: list[row_accounting.Check] = [
+            (key_ok, "not_an_integer", columns[0], lambda r: "key must be an integer")
+        ]
         price = np.zeros(len(key))
         if price_column is not None:
             price, price_ok = _parse_floats(data, spans.starts[:, price_column], spans.ends[:, price_column])
@@ -256,7 +260,8 @@ def _parse_impressions(block: raw.Block, ads: _Table) -> tuple[np.ndarray, list[
             checks.append((_in_key_range(ints[:, j]), "out_of_range", field, _describe_range(ints, j)))
     checks.append((clk_ok, "bad_label", "clk", lambda r: f"clk must be 0 or 1, got {_shown(data, starts, ends, r, 5)}"))
     checks.append((ad_found, "unknown_ad", "adgroup_id", lambda r: f"adgroup_id {ints[r, 2]} is not in ad_feature"))
-    keep, rejections = row_accounting.block_rejections(block, spans, checks, f"{len(SAMPLE_COLUMNS)} comma-separated fields")
+    layout = f"{len(SAMPLE_COLUMNS)} comma-separated fields"
+    keep, rejections = row_accounting.block_rejections(block, spans, checks, layout)
     starts, ends = starts[keep], ends[keep]
     ids = fingerprint_spans(("userid", "adgroup_id", "pid"), words, starts[:, [0, 2, 3]], ends[:, [0, 2, 3]])
     out = np.empty(int(keep.sum()), _IMPRESSION)
@@ -288,7 +293,8 @@ def _parse_behaviors(block: raw.Block) -> tuple[np.ndarray, list[row_accounting.
         return f"btag must be one of {'/'.join(BTAGS)}, got {_shown(data, starts, ends, row, 2)}"
 
     checks.append((btag >= 0, "bad_btag", "btag", btag_detail))
-    keep, rejections = row_accounting.block_rejections(block, spans, checks, f"{len(BEHAVIOR_COLUMNS)} comma-separated fields")
+    layout = f"{len(BEHAVIOR_COLUMNS)} comma-separated fields"
+    keep, rejections = row_accounting.block_rejections(block, spans, checks, layout)
     starts, ends = starts[keep][:, 3:], spans.ends[keep][:, 3:]
     ids = fingerprint_spans(("cate_id", "brand"), words, starts, _null_as_missing(words, starts, ends))
     out = np.empty(int(keep.sum()), BEHAVIOR_DTYPE)

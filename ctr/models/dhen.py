@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from ctr.models import registry
-from ctr.model_io import BinaryLogits, ModelInputs
+from ctr.model_io import ModelInputs
 from ctr.models.layers import (
     CrossLayer,
+    FeatureModel,
     FeatureTokens,
     MultiHeadAttention,
     activation_fn,
@@ -132,7 +133,7 @@ class DHENStack(nn.Module):
 
 @registry.register("dhen")
 @gin.configurable
-class DHENModel(BinaryLogits, nn.Module):
+class DHENModel(FeatureModel):
     """DHEN as a CTR model: feature tokens -> :class:`DHENStack` -> flattened -> MLP head -> logits ``[B]``.
 
     Attributes:
@@ -145,19 +146,16 @@ class DHENModel(BinaryLogits, nn.Module):
       token_norm: layer-normalise the feature tokens (see ``FeatureTokens.normalize``).
       aligned_init: start the projections of embeddings narrower or wider than ``dim`` as ``width_map`` (see
         ``FeatureTokens.aligned_projections``), so an item and its pooled history start as comparable tokens
-        (higher test AUC than random maps on synthetic TaobaoAds: benchmarks/RESULTS.md, "Models on synthetic TaobaoAds").
+        (higher test AUC than random maps on synthetic TaobaoAds: benchmarks/RESULTS.md, "Models on synthetic
+        TaobaoAds").
       dtype: compute dtype (``"bfloat16"`` for mixed precision; parameters stay float32).
     """
 
     dim: int = 16
     num_layers: int = 2
     head: Sequence[int] = (512, 256)
-    activation: str = "relu"
-    dropout: float = 0.0
-    pool_sequences: bool = True
     token_norm: bool = True
     aligned_init: bool = True
-    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, inputs: ModelInputs, *, train: bool = False) -> jax.Array:

@@ -1,7 +1,7 @@
 """DLRM (Naumov et al. 2019, arXiv 1906.00091): bottom MLP, pairwise dot interaction, top MLP."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import gin
@@ -9,13 +9,13 @@ import jax
 import jax.numpy as jnp
 
 from ctr.models import registry
-from ctr.model_io import BinaryLogits, ModelInputs
-from ctr.models.layers import FeatureTokens, activation_fn, mlp_logits, pairwise_dots
+from ctr.model_io import ModelInputs
+from ctr.models.layers import FeatureModel, FeatureTokens, activation_fn, mlp_logits, pairwise_dots
 
 
 @registry.register("dlrm")
 @gin.configurable
-class DLRM(BinaryLogits, nn.Module):
+class DLRM(FeatureModel):
     """DLRM: ``logit = top_mlp([bottom_mlp(dense) || <e_i, e_j> for i < j])``.
 
     The dense features go through the bottom MLP to one vector of width ``dim``; it and the categorical
@@ -35,10 +35,6 @@ class DLRM(BinaryLogits, nn.Module):
     dim: int = 16
     bottom_mlp: Sequence[int] = (512, 256)
     top_mlp: Sequence[int] = (512, 256)
-    activation: str = "relu"
-    dropout: float = 0.0
-    pool_sequences: bool = True
-    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, inputs: ModelInputs, *, train: bool = False) -> jax.Array:

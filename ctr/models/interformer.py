@@ -252,7 +252,8 @@ class InterFormer(BinaryLogits, nn.Module):
       head_gain_init: start the head's hidden layers with the activation's gain (``MLP.gain_init``). At LeCun
         init the paper's four swish layers shrink the signal and the tables' gradients start ~20x smaller than
         DHEN's. Alone it did not make InterFormer train; with the other fixes of issue 10 it was neutral without
-        target attention and needed with it (one seed each: benchmarks/RESULTS.md, "InterFormer learning from behaviour sequences").
+        target attention and needed with it (one seed each: benchmarks/RESULTS.md, "InterFormer learning from
+        behaviour sequences").
       activation: activation name (paper: swish).
       dropout: head dropout.
       token_norm: layer-normalise the feature tokens (see ``FeatureTokens.normalize``).
@@ -261,7 +262,8 @@ class InterFormer(BinaryLogits, nn.Module):
         swamps the merged events: under SparseAdagrad the few ``btag`` rows, read by every event, grow ~4x in 5
         steps while the ``cate`` rows barely move, every event becomes one ``btag`` direction, and the match of
         the ad's category with the history is lost (a linear probe at the head's input falls to chance, and
-        InterFormer stayed at the base rate on synthetic TaobaoAds: benchmarks/RESULTS.md, "InterFormer learning from behaviour sequences").
+        InterFormer stayed at the base rate on synthetic TaobaoAds: benchmarks/RESULTS.md, "InterFormer learning
+        from behaviour sequences").
       aligned_init: start the item features' projections and the merged events' map with ``width_map``, so
         that the target item and the events start in one token space when the embeddings are not ``dim`` wide
         (see ``SequenceMaskNet``); False starts both random.

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ctr.model_io import ModelInputs
+from ctr.model_io import BinaryLogits, ModelInputs
 
 Activation = Callable[[jax.Array], jax.Array]
 
@@ -31,6 +31,22 @@ def activation_fn(name: str) -> Activation:
     if name not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; known: {sorted(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]
+
+
+class FeatureModel(BinaryLogits, nn.Module):
+    """The fields every single-network model (DCNv2, DLRM, DHEN) shares, gin-bound on the subclass.
+
+    Attributes:
+      activation: activation name (see :func:`activation_fn`).
+      dropout: dropout of the deep or head MLP.
+      pool_sequences: use each behaviour sequence, mean-pooled, as one more feature.
+      dtype: compute dtype (``"bfloat16"`` for mixed precision; parameters stay float32).
+    """
+
+    activation: str = "relu"
+    dropout: float = 0.0
+    pool_sequences: bool = True
+    dtype: Any = jnp.float32
 
 
 def activation_gain(activation: Activation) -> float:

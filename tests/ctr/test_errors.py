@@ -12,11 +12,7 @@ from ctr.data import shard_writer, synthetic
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny.gin")
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures("clean_gin")
 
 
 def _one_error_line(capsys, command):

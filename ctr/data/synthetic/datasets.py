@@ -43,7 +43,8 @@ def synthetic_criteo(
       split_fractions: train/valid/test fractions.
     """
     path = _generated(
-        data_dir, f"criteo_synthetic_{num_rows}_{seed}.txt", lambda p: synthetic_criteo_lib.write_synthetic(p, num_rows, seed)
+        data_dir, f"criteo_synthetic_{num_rows}_{seed}.txt",
+        lambda p: synthetic_criteo_lib.write_synthetic(p, num_rows, seed),
     )
     rows = criteo.read([path], row_accounting.RowAccounting(), int_buckets=int_buckets)
     return _split_at_random(criteo.feature_schema(int_buckets=int_buckets), rows, split_fractions, seed)
@@ -59,14 +60,17 @@ def synthetic_avazu(
     """Synthetic data in the raw Avazu layout (:func:`ctr.data.synthetic.avazu.write_synthetic`), generated once into
     ``data_dir``, parsed by the real Avazu parser and split at random 8:1:1."""
     path = _generated(
-        data_dir, f"avazu_synthetic_{num_rows}_{seed}.csv", lambda p: synthetic_avazu_lib.write_synthetic(p, num_rows, seed)
+        data_dir, f"avazu_synthetic_{num_rows}_{seed}.csv",
+        lambda p: synthetic_avazu_lib.write_synthetic(p, num_rows, seed),
     )
-    return _split_at_random(avazu.feature_schema(), avazu.read([path], row_accounting.RowAccounting()), split_fractions, seed)
+    rows = avazu.read([path], row_accounting.RowAccounting())
+    return _split_at_random(avazu.feature_schema(), rows, split_fractions, seed)
 
 
 def _split_at_random(schema, row_blocks, split_fractions, seed) -> InMemoryDataset:
     rows = rows_lib.Rows.concat(list(row_blocks))
-    return InMemoryDataset(schema=schema, splits=split_random(rows_lib.to_batch(schema, rows.arrays()), split_fractions, seed))
+    batch = rows_lib.to_batch(schema, rows.arrays())
+    return InMemoryDataset(schema=schema, splits=split_random(batch, split_fractions, seed))
 
 
 @gin.configurable
@@ -92,12 +96,16 @@ def synthetic_taobao(
         ),
     )  # fmt: skip
     source = taobao.open_raw(
-        raw_dir, processing=taobao.Processing(max_len=max_len), options=raw.ReadOptions(accounting=row_accounting.RowAccounting())
+        raw_dir,
+        processing=taobao.Processing(max_len=max_len),
+        options=raw.ReadOptions(accounting=row_accounting.RowAccounting()),
     )
     rows = rows_lib.Rows.concat(list(source.rows))
-    split = splits_lib.assign(splits_lib.SplitSpec("time", valid="test"), rows.day, np.arange(len(rows)), seed, taobao.TEST_DAY)
+    spec = splits_lib.SplitSpec("time", valid="test")
+    split = splits_lib.assign(spec, rows.day, np.arange(len(rows)), seed, taobao.TEST_DAY)
     parts = {
-        name: rows_lib.to_batch(source.schema, rows.take(split == i).arrays()) for i, name in enumerate(splits_lib.NAMES)
+        name: rows_lib.to_batch(source.schema, rows.take(split == i).arrays())
+        for i, name in enumerate(splits_lib.NAMES)
     }
     parts[VALID] = parts[TEST]
     return InMemoryDataset(schema=source.schema, splits=parts)
