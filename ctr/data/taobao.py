@@ -39,7 +39,7 @@ import gin
 import numpy as np
 
 from ctr import errors
-from ctr.data import raw, row_accounting
+from ctr.data import raw, row_accounting, side_tables
 from ctr.data import rows as rows_lib
 from ctr.data import schema as schema_lib
 from ctr.data import text
@@ -61,7 +61,6 @@ RAW_SAMPLE_ROWS = 26_557_961
 TEST_DAY = 20170513
 MAX_LEN = 50
 UTC8 = 8 * 3600  # seconds: TaobaoAds timestamps are Beijing time
-_NULL = b"NULL"
 _IMPRESSION = np.dtype([("user", "<i8"), ("ts", "<i8"), ("ad", "<i8"), ("userid", "<i8"), ("adgroup_id", "<i8"),
                         ("pid", "<i8"), ("label", "<f4")])  # fmt: skip
 # 25 bytes per behaviour on disk (user and time are checked to fit in int32).
@@ -139,87 +138,7 @@ def open_raw(raw_dir: str, *, processing: Processing, options: raw.ReadOptions) 
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Side tables.
-
-
-@dataclasses.dataclass
-class _Table:
-    """A side table keyed by an integer: ``keys [k]`` sorted, ``ids [k, f]`` fingerprints, ``dense [k, d]``."""
-
-    keys: np.ndarray
-    ids: np.ndarray
-    dense: np.ndarray
-
-    def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(row of each key, whether it was found)."""
-        pos = np.minimum(np.searchsorted(self.keys, keys), max(len(self.keys) - 1, 0))
-        found = self.keys[pos] == keys if len(self.keys) else np.zeros(len(keys), bool)
-        return pos, found
-
-
-def _null_as_missing(words: text.Words, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """``ends`` with every span that reads ``NULL`` emptied (a missing value is the empty string)."""
-    null = np.uint64(int.from_bytes(_NULL, "little"))
-    is_null = (ends - starts == len(_NULL)) & ((words(starts) & np.uint64(0xFFFFFFFF)) == null)
-    return np.where(is_null, starts, ends)
-
-
-def _parse_floats(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Decimal floats of spans (a side table's few columns: per-value Python is fine): (values, valid)."""
-    values = np.zeros(len(starts), np.float64)
-    valid = np.ones(len(starts), bool)
-    for i, (s, e) in enumerate(zip(starts.tolist(), ends.tolist())):
-        try:
-            values[i] = float(data[s:e].tobytes())
-        except ValueError:
-            valid[i] = False
-    return values, valid & np.isfinite(values) & (values >= 0)
-
-
-def _load_table(
-    path: str, columns: tuple[str, ...], id_fields: tuple[str, ...], accounting: row_accounting.RowAccounting,
-    input_name: str, threads: int, price_column: int | None = None,
-) -> _Table:
-    """A side table from a CSV whose first column is an integer key and the others categorical (plus a price)."""
-    id_columns = [columns.index(f) for f in id_fields]
-    layout = f"{len(columns)} comma-separated fields"
-
-    Parsed = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-
-    def parse(block: raw.Block) -> tuple[Parsed, list[row_accounting.Rejection]]:
-        data = block.data
-        spans = text.split_fields(data, b",", len(columns))
-        words = text.Words(data)
-        key, _, key_ok = text.parse_ints(words, spans.starts[:, 0], spans.ends[:, 0])
-        key_ok &= spans.ends[:, 0] > spans.starts[:, 0]
-        checks: list[row_accounting.Check] = [
-            (key_ok, "not_an_integer", columns[0], lambda r: "key must be an integer")
-        ]
-        price = np.zeros(len(key))
-        if price_column is not None:
-            price, price_ok = _parse_floats(data, spans.starts[:, price_column], spans.ends[:, price_column])
-            checks.append((price_ok, "bad_price", columns[price_column], lambda r: "price must be a number >= 0"))
-        keep, rejections = row_accounting.block_rejections(block, spans, checks, layout)
-        starts, ends = spans.starts[keep][:, id_columns], spans.ends[keep][:, id_columns]
-        ends = _null_as_missing(words, starts, ends)
-        lines = block.first_line + spans.line_index[keep]
-        return (key[keep], fingerprint_spans(id_fields, words, starts, ends), price[keep], lines), rejections
-
-    parts = list(raw.stream_rows([path], parse, accounting, input_name, threads, skip_lines=1))
-    keys = np.concatenate([p[0] for p in parts])
-    ids = np.concatenate([p[1] for p in parts])
-    price = np.concatenate([p[2] for p in parts])
-    lines = np.concatenate([p[3] for p in parts])
-    order = np.argsort(keys, kind="stable")
-    duplicate = np.zeros(len(keys), bool)
-    duplicate[order[1:]] = keys[order[1:]] == keys[order[:-1]]
-    if duplicate.any():
-        accounting.reject(input_name, path, [
-            row_accounting.Rejection(int(line), "duplicate_key", columns[0], f"{columns[0]} {keys[i]} appeared before")
-            for i, line in sorted(zip(np.flatnonzero(duplicate), lines[duplicate]), key=lambda t: t[1])
-        ])
-    order = order[~duplicate[order]]
-    return _Table(keys[order], ids[order], np.log1p(price[order]).astype(np.float32)[:, None])
+# Side-table defaults (the tables themselves: ctr.data.side_tables).
 
 
 @functools.lru_cache(maxsize=None)
@@ -244,7 +163,9 @@ def _day_key(ts: np.ndarray) -> np.ndarray:
     return years * 10_000 + (months.astype(np.int64) % 12 + 1) * 100 + (days - months).astype(np.int64) + 1
 
 
-def _parse_impressions(block: raw.Block, ads: _Table) -> tuple[np.ndarray, list[row_accounting.Rejection]]:
+def _parse_impressions(
+    block: raw.Block, ads: side_tables.SideTable
+) -> tuple[np.ndarray, list[row_accounting.Rejection]]:
     data = block.data
     spans = text.split_fields(data, b",", len(SAMPLE_COLUMNS))
     words = text.Words(data)
@@ -296,7 +217,7 @@ def _parse_behaviors(block: raw.Block) -> tuple[np.ndarray, list[row_accounting.
     layout = f"{len(BEHAVIOR_COLUMNS)} comma-separated fields"
     keep, rejections = row_accounting.block_rejections(block, spans, checks, layout)
     starts, ends = starts[keep][:, 3:], spans.ends[keep][:, 3:]
-    ids = fingerprint_spans(("cate_id", "brand"), words, starts, _null_as_missing(words, starts, ends))
+    ids = fingerprint_spans(("cate_id", "brand"), words, starts, side_tables.null_as_missing(words, starts, ends))
     out = np.empty(int(keep.sum()), BEHAVIOR_DTYPE)
     out["user"], out["ts"], out["btag"] = ints[keep, 0], ints[keep, 1], btag[keep]
     out["cate"], out["brand"] = ids[:, 0], ids[:, 1]
@@ -369,8 +290,10 @@ def _joined_rows(
     tmp_dir: str | None,
     chunk_rows: int = 65_536,
 ) -> Iterator[rows_lib.Rows]:
-    ads = _load_table(paths["ad_feature"], AD_COLUMNS, AD_FEATURES, accounting, "ad_feature", threads, price_column=5)
-    users = _load_table(paths["user_profile"], USER_COLUMNS, PROFILE_FEATURES, accounting, "user_profile", threads)
+    ads = side_tables.load(paths["ad_feature"], AD_COLUMNS, AD_FEATURES, accounting, "ad_feature", threads,
+                           price_column=5)  # fmt: skip
+    users = side_tables.load(paths["user_profile"], USER_COLUMNS, PROFILE_FEATURES, accounting, "user_profile",
+                             threads)  # fmt: skip
     btag_ids = _btag_ids()
     with tempfile.TemporaryDirectory(prefix="taobao-", dir=tmp_dir) as tmp:
         samples = [paths["raw_sample"]]
@@ -397,7 +320,8 @@ def _joined_rows(
 
 
 def _join(
-    imp: np.ndarray, behaviors: np.ndarray, ads: _Table, users: _Table, btag_ids: np.ndarray, max_len: int,
+    imp: np.ndarray, behaviors: np.ndarray, ads: side_tables.SideTable, users: side_tables.SideTable,
+    btag_ids: np.ndarray, max_len: int,
     accounting: row_accounting.RowAccounting,
 ) -> rows_lib.Rows:
     user_row, has_profile = users.find(imp["user"])

@@ -10,14 +10,13 @@ import jax.numpy as jnp
 
 from ctr.models import registry
 from ctr.model_io import ModelInputs
+from ctr.models.heads import FeatureModel, logits_from
 from ctr.models.layers import (
     MLP,
     CrossLayer,
-    FeatureModel,
     MixtureCrossLayer,
     activation_fn,
     flat_features,
-    logits_from,
 )
 
 

@@ -16,13 +16,12 @@ import jax.numpy as jnp
 
 from ctr.models import registry
 from ctr.model_io import ModelInputs
+from ctr.models.heads import FeatureModel, mlp_logits
 from ctr.models.layers import (
     CrossLayer,
-    FeatureModel,
     FeatureTokens,
     MultiHeadAttention,
     activation_fn,
-    mlp_logits,
     pairwise_dots,
 )
 

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 
 from ctr.models import registry
 from ctr.model_io import ModelInputs
-from ctr.models.layers import FeatureModel, FeatureTokens, activation_fn, mlp_logits, pairwise_dots
+from ctr.models.heads import FeatureModel, mlp_logits
+from ctr.models.layers import FeatureTokens, activation_fn, pairwise_dots
 
 
 @registry.register("dlrm")

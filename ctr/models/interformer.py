@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from ctr.models import registry
 from ctr.models.dhen import DHENStack
 from ctr.model_io import BinaryLogits, ModelInputs
+from ctr.models.heads import mlp_logits
 from ctr.models.layers import (
     Activation,
     FeatureTokens,
@@ -51,7 +52,6 @@ from ctr.models.layers import (
     PoolingByAttention,
     SelfGating,
     activation_fn,
-    mlp_logits,
     width_map_init,
 )
 
