@@ -5,7 +5,7 @@ Families and sizes (``S`` = bytes of the full per-feature tables):
 - full per-feature tables: one row per training-set value of each feature plus one out-of-vocabulary row, no
   collisions (``PerFeature`` indexed by each feature's training vocabulary);
 - hashing trick (``PerFeature`` with each feature's bucket count scaled to the budget), Unified Embedding
-  (``Unified``, 16-wide features as two 8-wide chunks on one shared table) and DHE (``DHE``, one network per
+  (``Unified``, 16-wide features as two 8-wide chunks on one shared table) and DHE (``DeepHashEmbedding``, one network per
   feature, widths from the budget) at ``S``, ``S/4`` and ``S/16``.
 
 Every run trains the same DCNv2 for one epoch with the same data order (sparse Adagrad for tables, Adam for dense
@@ -33,9 +33,10 @@ import optax  # noqa: E402
 
 from ctr import metrics  # noqa: E402
 from ctr.data import dataset as dataset_lib  # noqa: E402
+from ctr.data.synthetic import datasets as synthetic_datasets  # noqa: E402
 from ctr.data import schema as schema_lib  # noqa: E402
 from ctr.models.dcnv2 import DCNv2  # noqa: E402
-from embeddings import DHE, EmbeddingCollection, PerFeature, Unified, build_collection, sparse_optim  # noqa: E402
+from embeddings import DeepHashEmbedding, EmbeddingCollection, PerFeature, Unified, build_collection, sparse_optim  # noqa: E402
 
 DIM = 16
 FRACTIONS = (1.0, 1 / 4, 1 / 16)
@@ -56,7 +57,7 @@ class Model(nn.Module):
         return DCNv2(num_cross_layers=2, cross_rank=64, mlp=(256, 128))(inputs, train=train)
 
 
-def train_and_test(collection: EmbeddingCollection, data: dataset_lib.Dataset, batch_size: int, epochs: int,
+def train_and_test(collection: EmbeddingCollection, data: dataset_lib.InMemoryDataset, batch_size: int, epochs: int,
                    seed: int = 0) -> dict[str, float]:
     """One run: init, ``epochs`` of training, exact test AUC / logloss."""
     model, tx = Model(collection), optax.adam(1e-3)
@@ -68,13 +69,13 @@ def train_and_test(collection: EmbeddingCollection, data: dataset_lib.Dataset, b
     @jax.jit
     def init(rng, batch, ids):
         tables = collection.init(rng)
-        params = model.init(rng, collection.gather(tables, ids), batch, train=False)["params"]
+        params = model.init(rng, collection.read_rows(tables, ids), batch, train=False)["params"]
         return tables, {n: sparse.init(t) for n, t in tables.items()}, params, tx.init(params)
 
     @jax.jit
     def step(state, batch, ids, t):
         tables, slots, params, opt_state = state
-        rows = collection.gather(tables, ids)
+        rows = collection.read_rows(tables, ids)
 
         def loss_fn(params, rows):
             logits = model.apply({"params": params}, rows, batch, train=True)
@@ -88,7 +89,7 @@ def train_and_test(collection: EmbeddingCollection, data: dataset_lib.Dataset, b
     @jax.jit
     def logits_of(state, batch, ids):
         tables, _, params, _ = state
-        return model.apply({"params": params}, collection.gather(tables, ids), batch, train=False)
+        return model.apply({"params": params}, collection.read_rows(tables, ids), batch, train=False)
 
     probe = next(data.eval_batches(dataset_lib.TRAIN, batch_size))[0]
     state = init(jax.random.key(seed), device_part(probe), collection.host_ids(probe))
@@ -118,7 +119,7 @@ def candidates(schema, train, full_bytes: int, dhe_k: int, dhe_activation: str):
         unified = Unified(budget_bytes=budget, num_tables=1, dim_per_chunk=8)
         yield "unified embedding", label, build_collection(schema, families={"ue": unified}, default_dim=DIM)
         # Two hidden layers per feature network, their width from the budget.
-        dhe = DHE(k=dhe_k, hidden=(256, 256), activation=dhe_activation, budget_bytes=budget)
+        dhe = DeepHashEmbedding(k=dhe_k, hidden=(256, 256), activation=dhe_activation, budget_bytes=budget)
         yield "DHE", label, build_collection(schema, families={"dhe": dhe}, default_dim=DIM)
 
 
@@ -156,7 +157,7 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.time()
-    data = dataset_lib.synthetic_criteo(data_dir=args.data_dir, num_rows=args.num_rows)
+    data = synthetic_datasets.synthetic_criteo(data_dir=args.data_dir, num_rows=args.num_rows)
     train = data.splits[dataset_lib.TRAIN]
     full = full_tables(data.schema, train)
     full_bytes = full.parameter_bytes()

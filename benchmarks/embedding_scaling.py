@@ -78,12 +78,12 @@ def ctr_runner(table_rows: int, optimizer, host_batches, dim: int) -> Callable[[
 
     def init(rng):
         tables = collection.init(rng)
-        params = model.init(rng, collection.gather(tables, batches[0][1]), batches[0][0])["params"]
+        params = model.init(rng, collection.read_rows(tables, batches[0][1]), batches[0][0])["params"]
         return tables, {n: optimizer.init(t) for n, t in tables.items()}, params, tx.init(params), jnp.int32(0)
 
     def step(state, batch, ids):
         tables, slots, params, opt_state, t = state
-        rows = collection.gather(tables, ids)
+        rows = collection.read_rows(tables, ids)
 
         def loss_fn(params, rows):
             logits = model.apply({"params": params}, rows, batch)

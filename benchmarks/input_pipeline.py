@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from ctr import prepare  # noqa: E402
-from ctr.data import avazu, criteo, prepared, raw, splits, taobao  # noqa: E402
+from ctr.data import prepared, raw, row_accounting, splits, synthetic  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("datasets", ["criteo", "avazu", "taobao"], "Datasets to measure.")
@@ -52,11 +52,11 @@ def _generate(dataset: str, raw_dir: str) -> None:
     os.makedirs(tmp)
     start = time.time()
     if dataset == "criteo":
-        criteo.write_synthetic(os.path.join(tmp, "train.txt"), FLAGS.criteo_rows, seed=0)
+        synthetic.criteo.write_synthetic(os.path.join(tmp, "train.txt"), FLAGS.criteo_rows, seed=0)
     elif dataset == "avazu":
-        avazu.write_synthetic(os.path.join(tmp, "train.csv"), FLAGS.avazu_rows, seed=0)
+        synthetic.avazu.write_synthetic(os.path.join(tmp, "train.csv"), FLAGS.avazu_rows, seed=0)
     else:
-        taobao.write_synthetic(tmp, num_users=FLAGS.taobao_users, seed=0)
+        synthetic.taobao.write_synthetic(tmp, num_users=FLAGS.taobao_users, seed=0)
     os.replace(tmp, raw_dir)
     print(f"{dataset}: generated raw files in {time.time() - start:.0f}s", flush=True)
 
@@ -76,8 +76,8 @@ def _best(measure: Callable[[], int], unit: str) -> str:
 
 def _parse(dataset: str, raw_dir: str, threads: int) -> int:
     module = prepare.DATASETS[dataset]
-    source = module.open_raw(raw_dir, raw.RowAccounting(), module.Processing(), threads=threads,
-                             tmp_dir=FLAGS.work_dir)  # fmt: skip
+    options = raw.ReadOptions(accounting=row_accounting.RowAccounting(), threads=threads, tmp_dir=FLAGS.work_dir)
+    source = module.open_raw(raw_dir, processing=module.Processing(), options=options)
     return sum(len(chunk) for chunk in source.rows)
 
 

@@ -1,8 +1,8 @@
 r"""Model quality on synthetic TaobaoAds: DCNv2, DHEN, InterFormer and CETNet, over click mechanisms and seeds.
 
-The data is :func:`ctr.data.dataset.synthetic_taobao`: the four raw TaobaoAds files, generated with clicks that
+The data is :func:`ctr.data.synthetic.datasets.synthetic_taobao`: the four raw TaobaoAds files, generated with clicks that
 depend on the user's last 50 behaviours through one of several mechanisms (``--mechanisms``: ``presence`` of
-the ad's category/brand, ``cate_share``, ``brand_recency``; see :func:`ctr.data.taobao.write_synthetic`) plus
+the ad's category/brand, ``cate_share``, ``brand_recency``; see :func:`ctr.data.synthetic.taobao.write_synthetic`) plus
 user and per-ad effects (``--ad_prior``: the per-ad effect's std), joined by the real reader and split by day
 (the last day is the test split). Each (mechanism, seed) pair draws its own data and trains with its own seed.
 
@@ -83,7 +83,7 @@ def main(argv: list[str]) -> None:
     del argv
     import numpy as np
 
-    from ctr.data import dataset
+    from ctr.data.synthetic import datasets as synthetic_datasets
 
     root = OUT.value or tempfile.mkdtemp(prefix="models_taobao_")
     data_dir = os.path.join(root, "data")
@@ -91,7 +91,7 @@ def main(argv: list[str]) -> None:
     for mechanism in MECHANISMS.value:
         for seed in map(int, SEEDS.value):
             gen = dict(num_users=USERS.value, seed=seed, mechanism=mechanism, ad_prior=AD_PRIOR.value)
-            labels = dataset.synthetic_taobao(data_dir=data_dir, **gen).splits["train"]["label"]
+            labels = synthetic_datasets.synthetic_taobao(data_dir=data_dir, **gen).splits["train"]["label"]
             rate = float(np.mean(labels))
             base_logloss = -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))
             steps = STEPS.value or -(-len(labels) // BATCH.value)

@@ -99,7 +99,7 @@ def make_data(out: str) -> str:
     import gin
 
     from ctr import prepare
-    from ctr.data import avazu, criteo, splits
+    from ctr.data import avazu, criteo, splits, synthetic
 
     data_dir = os.path.join(out, f"{DATASET.value}_prepared")
     if os.path.exists(os.path.join(data_dir, "metadata.json")):
@@ -109,12 +109,12 @@ def make_data(out: str) -> str:
     gin.clear_config()
     if DATASET.value == "criteo":
         rows = ROWS.value or 1_500_000
-        criteo.write_synthetic(os.path.join(raw_dir, "train.txt"), rows, seed=0)
+        synthetic.criteo.write_synthetic(os.path.join(raw_dir, "train.txt"), rows, seed=0)
         gin.parse_config(["criteo.Processing.int_buckets = True", "criteo.Processing.min_count = 10"])
         spec = splits.SplitSpec("random", (0.8, 1 / 15, 2 / 15))
     else:
         rows = ROWS.value or 2_200_000
-        avazu.write_synthetic(os.path.join(raw_dir, "train.csv"), rows, seed=0, days=11)
+        synthetic.avazu.write_synthetic(os.path.join(raw_dir, "train.csv"), rows, seed=0, days=11)
         gin.parse_config(["avazu.Processing.min_count = 10"])
         spec = splits.SplitSpec("time", valid="20141030")
     prepare.prepare(DATASET.value, raw_dir, data_dir, spec, shard_bytes=64 << 20)

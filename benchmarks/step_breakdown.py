@@ -18,8 +18,8 @@ import numpy as np
 import optax
 
 from ctr.models.dcnv2 import DCNv2
-from ctr.models.inputs import ModelInputs
-from embeddings import sharding, sparse_optim
+from ctr.model_io import ModelInputs
+from embeddings import table_placement, sparse_optim
 
 BATCH, FEATURES, DIM, ROWS = 4096, 24, 16, 44_032
 
@@ -67,8 +67,8 @@ def main() -> None:
     print(f"(a) dense step (DCNv2 fwd + bwd + Adam), batch {BATCH}: {ms:.0f} ms = {BATCH / ms * 1000:,.0f} examples/s")
     for name, opt in [("SparseAdagrad", sparse_optim.SparseAdagrad()), ("SparseAdam", sparse_optim.SparseAdam()),
                       ("SparseAdam(lazy=True)", sparse_optim.SparseAdam(lazy=True))]:  # fmt: skip
-        update = jax.jit(lambda t, s, i, g, opt=opt: sharding.update_rows(
-            t, s, [i], [g], opt, jnp.int32(7), None, sharding.LookupOptions()))  # fmt: skip
+        update = jax.jit(lambda t, s, i, g, opt=opt: table_placement.update_rows(
+            t, s, [i], [g], opt, jnp.int32(7), None, table_placement.LookupOptions()))  # fmt: skip
         print(f"(b) sparse update, {name}: {best_ms(update, table, opt.init(table), ids, grads):.1f} ms")
     dedupe = jax.jit(lambda i, g: sparse_optim.dedupe_row_grads(i, g, ROWS))
     print(f"(b) deduplication alone: {best_ms(dedupe, ids, grads):.1f} ms")

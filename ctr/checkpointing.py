@@ -1,6 +1,6 @@
 """Checkpoints of the whole training state with orbax, restorable onto any mesh.
 
-A checkpoint holds the :class:`~ctr.trainer.TrainState` (dense parameters, optax state, tables, sparse
+A checkpoint holds the :class:`~ctr.train_state.TrainState` (dense parameters, optax state, tables, sparse
 optimizer slots, step, RNG) and a small JSON record (examples seen, wall time so far, checksums). The input
 position is the step itself: datasets produce a pure function of (seed, step) (see :mod:`ctr.data.dataset`).
 Saves are asynchronous; orbax writes into a temporary directory and renames it when complete, so a run killed

@@ -31,27 +31,24 @@ def plot_run(run_dir: str) -> list[str]:
     steps, loss = series("valid/logloss")
     if steps:
         ax.plot(steps, loss, "o-", label="valid logloss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("binary cross-entropy")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    path = os.path.join(out_dir, "train_loss.png")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, ax, "binary cross-entropy", os.path.join(out_dir, "train_loss.png")))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for split in ("valid", "test"):
         steps, auc = series(f"{split}/auc")
         if steps:
             ax.plot(steps, auc, "o-", label=f"{split} AUC")
+    written.append(_save(fig, ax, "AUC", os.path.join(out_dir, "eval.png")))
+    return written
+
+
+def _save(fig, ax, ylabel: str, path: str) -> str:
+    """Labels, legend (when there is a curve: a run without evaluation has no AUC curve) and grid; writes ``path``."""
     ax.set_xlabel("step")
-    ax.set_ylabel("AUC")
-    if ax.get_lines():  # a run without evaluation (final_eval_splits=()) has no AUC curve
+    ax.set_ylabel(ylabel)
+    if ax.get_lines():
         ax.legend()
     ax.grid(alpha=0.3)
-    path = os.path.join(out_dir, "eval.png")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
-    written.append(path)
-    return written
+    return path

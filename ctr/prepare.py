@@ -4,7 +4,7 @@
         --gin_file=configs/criteo_data.gin
     bazel run //ctr:prepare -- --dataset=avazu --raw_dir=... --out_dir=...   (relative paths: from where you ran it)
 
-Three passes, memory bounded by one shuffle bucket whatever the input size:
+Three passes (:mod:`ctr.data.shard_writer`), memory bounded by one shuffle bucket whatever the input size:
 
 1. Stream the raw files through the dataset's reader (:mod:`ctr.data.criteo`, ``avazu``, ``taobao``), which
    parses, validates and fingerprints them block by block. Each row goes to one of ``K`` temporary bucket
@@ -25,7 +25,6 @@ import dataclasses
 import errno
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -34,20 +33,17 @@ import time
 import types
 from typing import Sequence
 
-import numpy as np
 from absl import app, flags
 
 from ctr import config, errors
-from ctr.data import avazu, criteo, prepared, raw, splits, taobao
+from ctr.data import avazu, criteo, prepared, raw, row_accounting, shard_writer, splits, taobao
 from ctr.data import rows as rows_lib
-from ctr.data import schema as schema_lib
 from ctr.data import vocab as vocab_lib
 
-DATASETS = {"criteo": criteo, "avazu": avazu, "taobao": taobao}
+DATASETS: dict[str, raw.RawReader] = {"criteo": criteo, "avazu": avazu, "taobao": taobao}
 DEFAULT_SPLIT = {"criteo": "random", "avazu": "random", "taobao": "time"}
 DEFAULT_VALID = {"criteo": "half", "avazu": "half", "taobao": "test"}
 DEFAULT_TEST_DAY = {"taobao": taobao.TEST_DAY}
-_MAX_BUCKETS = 256  # open temporary files at once
 
 FLAGS = flags.FLAGS
 
@@ -120,24 +116,26 @@ def _prepare(
     if tmp_dir:
         os.makedirs(tmp_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".prepare-", dir=tmp_dir or out_dir)
-    accounting = raw.RowAccounting(max_bad_rows)
+    accounting = row_accounting.RowAccounting(max_bad_rows)
     start = time.monotonic()
     try:
-        source = module.open_raw(raw_dir, accounting, processing, spec.kind == "time", threads, emit, tmp,
-                                 raw_files=raw_files)  # fmt: skip
-        buckets, days = _write_buckets(source, seed, shard_bytes, tmp)
+        options = raw.ReadOptions(accounting=accounting, time_split=spec.kind == "time", threads=threads, emit=emit,
+                                  tmp_dir=tmp, raw_files=raw_files)  # fmt: skip
+        source = module.open_raw(raw_dir, processing=processing, options=options)
+        buckets, days = shard_writer.write_buckets(source, seed, shard_bytes, tmp)
         emit(f"{dataset}: read {sum(b.rows for b in buckets):,} rows into {len(buckets)} shuffle buckets "
              f"in {time.monotonic() - start:.0f}s; writing shards")  # fmt: skip
         vocab_names = sorted(set(vocab_lib.vocab_features(source.schema).values()))
         counter = vocab_lib.Counter(vocab_names) if processing.min_count > 0 else None
-        shards = _write_shards(source.schema, buckets, spec, seed, days[1], out_dir, counter, accounting, emit)
+        shards = shard_writer.write_shards(source.schema, buckets, spec, seed, days[1], out_dir, counter, accounting,
+                                           emit)  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _check_not_empty(shards, spec, days, raw_dir)
     vocab = None
     if counter is not None:
         vocab = vocab_lib.Vocabulary.from_counter(counter, vocab_names, processing.min_count)
-        _apply_vocab(source.schema, vocab, out_dir, shards, emit)
+        shard_writer.apply_vocab(source.schema, vocab, out_dir, shards, emit)
         vocab.save(out_dir)
     if spec.valid_is_test:
         shards[splits.VALID] = shards[splits.TEST]
@@ -146,7 +144,7 @@ def _prepare(
         "format_version": prepared.FORMAT_VERSION,
         "dataset": dataset,
         "schema": prepared.schema_to_json(source.schema),
-        "arrays": [name for name in rows_lib.STORED if name in _record_dtype(source.schema).names],
+        "arrays": [name for name in rows_lib.STORED if name in shard_writer.record_dtype(source.schema).names],
         "splits": {
             name: {"rows": sum(s["rows"] for s in shards[name]), "shards": shards[name]} for name in splits.NAMES
         },
@@ -224,125 +222,7 @@ def _describe_os_error(e: OSError, out_dir: str) -> str:
     return f"{where}: {what}"
 
 
-class _Bucket:
-    def __init__(self, path: str):
-        self.path, self.rows, self.file = path, 0, open(path, "wb")
-
-
-def _record_dtype(schema: schema_lib.FeatureSchema) -> np.dtype:
-    fields = [("ordinal", "<i8"), ("day", "<i8"), ("label", "<f4"), ("dense", "<f4", (len(schema.dense),)),
-              ("ids", "<i8", (len(schema.categorical),))]  # fmt: skip
-    if schema.sequences:
-        fields += [("seq", "<i8", (len(schema.sequences), schema.sequences[0].max_len)), ("seq_len", "<i4")]
-    if schema.group_key is not None:
-        fields.append(("group", "<i8"))
-    return np.dtype(fields)
-
-
-def _write_buckets(
-    source: raw.RawSource, seed: int, shard_bytes: int, tmp: str
-) -> tuple[list[_Bucket], tuple[int, int]]:
-    """Pass 1: every row into a random temporary bucket; returns the buckets and the first and last day seen."""
-    dtype = _record_dtype(source.schema)
-    count = int(np.clip(math.ceil(source.estimated_rows * dtype.itemsize / shard_bytes), 1, _MAX_BUCKETS))
-    buckets = [_Bucket(os.path.join(tmp, f"bucket-{k:05d}.bin")) for k in range(count)]
-    ordinal, first_day, last_day = 0, None, -1
-    try:
-        for rows in source.rows:
-            n = len(rows)
-            records = np.empty(n, dtype)
-            records["ordinal"] = np.arange(ordinal, ordinal + n)
-            for name, values in {"day": rows.day, **rows.arrays()}.items():
-                records[name] = values
-            ordinal += n
-            if n:
-                last_day = max(last_day, int(rows.day.max()))
-                first_day = min(first_day if first_day is not None else last_day, int(rows.day.min()))
-            which = (splits.uniform(records["ordinal"], seed, stream=3) * count).astype(np.int64)
-            order = np.argsort(which, kind="stable")
-            bounds = np.searchsorted(which[order], np.arange(count + 1))
-            for k in np.flatnonzero(np.diff(bounds)):
-                records[order[bounds[k] : bounds[k + 1]]].tofile(buckets[k].file)
-                buckets[k].rows += int(bounds[k + 1] - bounds[k])
-    finally:
-        for b in buckets:
-            b.file.close()
-    return buckets, (last_day if first_day is None else first_day, last_day)
-
-
-def _write_shards(
-    schema: schema_lib.FeatureSchema,
-    buckets: list[_Bucket],
-    spec: splits.SplitSpec,
-    seed: int,
-    last_day: int,
-    out_dir: str,
-    counter: vocab_lib.Counter | None,
-    accounting: raw.RowAccounting,
-    emit: raw.Emit,
-) -> dict[str, list[dict]]:
-    """Pass 2: per bucket, split, count train vocabulary, permute, write one shard per split."""
-    shards: dict[str, list[dict]] = {name: [] for name in splits.NAMES}
-    progress = raw.Progress("writing shards", None, emit)
-    vocab_of = vocab_lib.vocab_features(schema)
-    for k, bucket in enumerate(buckets):
-        records = np.fromfile(bucket.path, _record_dtype(schema))
-        os.remove(bucket.path)
-        split = splits.assign(spec, records["day"], records["ordinal"], seed, last_day)
-        for s, name in enumerate(splits.NAMES):
-            part = records[split == s]
-            if not len(part):
-                continue
-            part = part[np.random.default_rng([seed, k, s]).permutation(len(part))]
-            if counter is not None and name == splits.TRAIN:
-                _count(schema, vocab_of, counter, part)
-            os.makedirs(os.path.join(out_dir, name), exist_ok=True)
-            path = f"{name}/{k:05d}"
-            for array in (a for a in rows_lib.STORED if a in part.dtype.names):
-                np.save(os.path.join(out_dir, f"{path}.{array}.npy"), np.ascontiguousarray(part[array]))
-            shards[name].append({"path": path, "rows": len(part)})
-            accounting.write(name, len(part))
-        progress.update(len(records))
-    progress.done()
-    return shards
-
-
-def _count(
-    schema: schema_lib.FeatureSchema, vocab_of: dict[str, str], counter: vocab_lib.Counter, part: np.ndarray
-) -> None:
-    for j, name in enumerate(schema.categorical):
-        counter.add(vocab_of[name], part["ids"][:, j])
-    if schema.sequences:
-        real = rows_lib.sequence_mask(part["seq_len"], schema.sequences[0].max_len)
-        for s, seq in enumerate(schema.sequences):
-            counter.add(vocab_of[seq.name], part["seq"][:, s][real])
-
-
-def _apply_vocab(
-    schema: schema_lib.FeatureSchema, vocab: vocab_lib.Vocabulary, out_dir: str, shards: dict[str, list[dict]],
-    emit: raw.Emit,
-) -> None:
-    """Pass 3: rare ids -> OOV, in place, in every shard."""
-    vocab_of = vocab_lib.vocab_features(schema)
-    progress = raw.Progress("applying vocabulary", None, emit)
-    for name in splits.NAMES:
-        for shard in shards[name]:
-            ids = np.load(os.path.join(out_dir, f"{shard['path']}.ids.npy"), mmap_mode="r+")
-            for j, feature in enumerate(schema.categorical):
-                ids[:, j] = vocab.apply(vocab_of[feature], ids[:, j])
-            ids.flush()
-            if schema.sequences:
-                seq = np.load(os.path.join(out_dir, f"{shard['path']}.seq.npy"), mmap_mode="r+")
-                seq_len = np.load(os.path.join(out_dir, f"{shard['path']}.seq_len.npy"))
-                real = rows_lib.sequence_mask(seq_len, schema.sequences[0].max_len)
-                for s, sequence in enumerate(schema.sequences):
-                    seq[:, s] = np.where(real, vocab.apply(vocab_of[sequence.name], seq[:, s]), 0)
-                seq.flush()
-            progress.update(shard["rows"])
-    progress.done()
-
-
-def _check_balance(accounting: raw.RowAccounting, main_input: str) -> None:
+def _check_balance(accounting: row_accounting.RowAccounting, main_input: str) -> None:
     """Every row read is written once or rejected: nothing is dropped silently."""
     written = sum(accounting.written.values())
     read = accounting.read_rows[main_input]

@@ -7,8 +7,8 @@ A collection is built from gin feature specs (:func:`embeddings.specs.build_coll
 1. ``host_ids(batch)`` (numpy, input pipeline): 63-bit fingerprints -> one array per *lookup* (a feature may
    take several, e.g. Unified Embedding chunks). Table lookups give int32 row indices of the fingerprints'
    shape; DHE lookups give the fingerprint as ``uint32 [..., 2]`` words (JAX runs without int64).
-2. ``gather(tables, ids)`` (device, outside differentiation): ``rows`` per lookup: table rows
-   ``[*ids.shape, dim]`` (sharded lookups, see :mod:`embeddings.sharding`), or for DHE the deterministic dense
+2. ``read_rows(tables, ids)`` (device, outside differentiation): ``rows`` per lookup: table rows
+   ``[*ids.shape, dim]`` (sharded lookups, see :mod:`embeddings.table_placement`), or for DHE the deterministic dense
    hash encoding ``[..., k]``.
 3. ``combine(rows, batch)`` (device, differentiated, inside the model's Flax ``@nn.compact`` scope): rows ->
    per-feature vectors and sequence tensors; DHE's MLP is a Flax submodule created here, so its parameters
@@ -31,8 +31,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from ctr.data import schema as schema_lib
-from ctr.models.inputs import ModelInputs
-from embeddings import sharding, sparse_optim
+from ctr.model_io import ModelInputs
+from embeddings import table_placement, sparse_optim
 from embeddings.tables import Lookup, TableConfig
 
 Tables = dict[str, jax.Array]
@@ -58,14 +58,64 @@ class Part(Protocol):
 
 
 class Family(Protocol):
-    """A configured family (``PerFeature``, ``Unified``, ``DHE``): builds the part serving ``specs``."""
+    """A configured family (``PerFeature``, ``Unified``, ``DeepHashEmbedding``): builds the part serving ``specs``."""
 
     def build(self, key: str, specs: Sequence[Any], row_alignment: int) -> Part: ...
 
 
+class Embeddings(Protocol):
+    """What the trainer needs of a schema's embeddings (see the module docstring for the path of one id).
+
+    Implementations: :class:`EmbeddingCollection`, and :class:`embeddings.towers.TowerCollections` (one
+    collection per ensemble tower). Tables are float32 ``[rows, dim]`` arrays keyed by table name; ``ids`` and
+    ``rows`` are keyed by lookup (a feature may take several lookups).
+    """
+
+    @property
+    def tables(self) -> dict[str, TableConfig]:
+        """Every table's configuration (name, rows, dim), by table name."""
+
+    def with_mesh(self, mesh: Mesh, row_axes: Sequence[str] | None = None) -> Embeddings:
+        """These embeddings with tables row-sharded over ``row_axes`` of ``mesh`` (default: all axes)."""
+
+    def table_shardings(self) -> dict[str, NamedSharding]:
+        """The NamedSharding of every table (after :meth:`with_mesh`)."""
+
+    def slot_shardings(self, slots: Any) -> Any:
+        """NamedShardings of a pytree of per-table optimizer slots ``[rows, ...]`` (after :meth:`with_mesh`)."""
+
+    def host_ids(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Host side: a batch's int64 fingerprints -> each lookup's device input (int32 row indices of the
+        fingerprints' shape, or ``uint32 [..., 2]`` fingerprint words for table-free lookups)."""
+
+    def init(self, rng: jax.Array) -> Tables:
+        """Every table, initialised."""
+
+    def read_rows(self, tables: Tables, ids: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """Device side, outside autodiff: each lookup's rows ``[*ids.shape, dim]`` (or hash encoding)."""
+
+    def combine(self, rows: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> ModelInputs:
+        """Rows (differentiated) + the device batch -> the model's inputs, inside the model's Flax scope."""
+
+    def sparse_update(self, tables: Tables, slots: Mapping[str, sparse_optim.Slots], ids: Mapping[str, jax.Array],
+                      row_grads: Mapping[str, jax.Array], optimizer: sparse_optim.SparseOptimizer,
+                      step: jax.Array) -> tuple[Tables, dict[str, sparse_optim.Slots]]:  # fmt: skip
+        """Applies ``optimizer`` to the rows the lookups touched, given the loss's gradients w.r.t. ``rows``."""
+
+    def flush(self, tables: Tables, slots: Mapping[str, sparse_optim.Slots], optimizer: sparse_optim.SparseOptimizer,
+              step: jax.Array) -> tuple[Tables, dict[str, sparse_optim.Slots]]:  # fmt: skip
+        """Every table as its dense optimizer would hold it after ``step`` updates (before an evaluation)."""
+
+    def num_parameters(self) -> int:
+        """Embedding parameters (table entries incl. alignment padding, plus table-free networks)."""
+
+    def parameter_bytes(self) -> int:
+        """Bytes of those parameters."""
+
+
 @dataclasses.dataclass(frozen=True)
 class EmbeddingCollection:
-    """All embeddings of one schema.
+    """All embeddings of one schema (an :class:`Embeddings`).
 
     Attributes:
       schema: the dataset schema.
@@ -79,8 +129,8 @@ class EmbeddingCollection:
     schema: schema_lib.FeatureSchema
     specs: tuple[Any, ...]
     parts: tuple[Part, ...]
-    lookup: sharding.LookupOptions = sharding.LookupOptions()
-    placement: sharding.Placement | None = None
+    lookup: table_placement.LookupOptions = table_placement.LookupOptions()
+    placement: table_placement.Placement | None = None
 
     @property
     def tables(self) -> dict[str, TableConfig]:
@@ -97,7 +147,7 @@ class EmbeddingCollection:
         Required for ``LookupOptions.path="shard_map"``; harmless for ``"xla"``.
         """
         axes = tuple(mesh.axis_names) if row_axes is None else tuple(row_axes)
-        placement = sharding.Placement(mesh, axes)
+        placement = table_placement.Placement(mesh, axes)
         for table in self.tables.values():
             if table.num_rows % placement.num_shards:
                 raise ValueError(
@@ -109,14 +159,14 @@ class EmbeddingCollection:
     def table_shardings(self) -> dict[str, NamedSharding]:
         """NamedSharding of every table (needs :meth:`with_mesh`)."""
         placement = self._placement()
-        return sharding.table_shardings(self.tables, placement.mesh, placement.row_axes)
+        return table_placement.table_shardings(self.tables, placement.mesh, placement.row_axes)
 
     def slot_shardings(self, slots: Any) -> Any:
         """NamedShardings for a pytree of table slots (arrays or ShapeDtypeStructs; needs :meth:`with_mesh`)."""
         placement = self._placement()
-        return sharding.slot_shardings(slots, placement.mesh, placement.row_axes)
+        return table_placement.slot_shardings(slots, placement.mesh, placement.row_axes)
 
-    def _placement(self) -> sharding.Placement:
+    def _placement(self) -> table_placement.Placement:
         if self.placement is None:
             raise ValueError("the collection has no mesh: call with_mesh(mesh) first")
         return self.placement
@@ -133,12 +183,12 @@ class EmbeddingCollection:
         keys = jax.random.split(rng, max(len(tables), 1))
         return {name: tables[name].init(k) for k, name in zip(keys, sorted(tables))}
 
-    def gather(self, tables: Tables, ids: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    def read_rows(self, tables: Tables, ids: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """Rows for every lookup (outside autodiff); ids are in range by construction."""
         self._check_placement()
         rows: dict[str, jax.Array] = {}
         for name, mine in self._lookups_by_table().items():
-            found = sharding.gather_rows(tables[name], [ids[lk.key] for lk in mine], self.placement, self.lookup)
+            found = table_placement.gather_rows(tables[name], [ids[lk.key] for lk in mine], self.placement, self.lookup)
             rows.update(zip((lk.key for lk in mine), found))
         for part in self.parts:
             rows.update(part.encode(ids))
@@ -169,7 +219,7 @@ class EmbeddingCollection:
         self._check_placement()
         new_tables, new_slots = dict(tables), dict(slots)
         for name, mine in self._lookups_by_table().items():
-            new_tables[name], new_slots[name] = sharding.update_rows(
+            new_tables[name], new_slots[name] = table_placement.update_rows(
                 tables[name],
                 slots[name],
                 [ids[lk.key] for lk in mine],

@@ -94,7 +94,7 @@ def network_parameters(k: int, hidden: Sequence[int], out_dim: int, normalizatio
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class DHE:
+class DeepHashEmbedding:
     """The DHE family.
 
     Attributes:
@@ -121,13 +121,15 @@ class DHE:
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(self.hidden))  # gin may give a list; keep the config hashable
         if self.transform not in TRANSFORMS:
-            raise ValueError(f"DHE.transform must be one of {TRANSFORMS}, got {self.transform!r}")
+            raise ValueError(f"DeepHashEmbedding.transform must be one of {TRANSFORMS}, got {self.transform!r}")
         if self.transform == "gaussian" and self.k % 2:
             raise ValueError(f"the gaussian DHE transform pairs hashes: k must be even, got {self.k}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"DHE.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+            raise ValueError(f"DeepHashEmbedding.activation must be one of {sorted(ACTIVATIONS)}, "
+                             f"got {self.activation!r}")
         if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"DHE.normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+            raise ValueError(f"DeepHashEmbedding.normalization must be one of {NORMALIZATIONS}, "
+                             f"got {self.normalization!r}")
 
     def build(self, key: str, specs: Sequence[FeatureSpec], row_alignment: int) -> DHEPart:
         del row_alignment  # no tables
@@ -170,7 +172,7 @@ class DHEPart:
     """
 
     family: str
-    config: DHE
+    config: DeepHashEmbedding
     hidden: tuple[int, ...]
     specs: tuple[FeatureSpec, ...]
     tables: tuple[TableConfig, ...] = ()

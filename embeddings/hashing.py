@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from ctr import tf_import
+
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: the SplitMix64 increment
 _M1 = 0xBF58476D1CE4E5B9
@@ -66,7 +68,7 @@ def bucket_np(fingerprints: np.ndarray, salt_value: int, num_buckets: int) -> np
 
 def bucket_tf(fingerprints: Any, salt_value: int, num_buckets: int) -> Any:
     """TensorFlow twin of :func:`bucket_np` (int64 tensor in, int64 tensor out, bit-identical)."""
-    import tensorflow as tf  # only the export path needs TF; the training path stays TF-free
+    tf = tf_import.tensorflow()  # only the export path needs TF; the training path stays TF-free
 
     def const(v: int):
         return tf.constant(v, tf.uint64)
@@ -86,7 +88,7 @@ def words_np(fingerprints: np.ndarray) -> np.ndarray:
 
 def words_tf(fingerprints: Any) -> Any:
     """TensorFlow twin of :func:`words_np`."""
-    import tensorflow as tf
+    tf = tf_import.tensorflow()
 
     x = tf.bitcast(tf.cast(fingerprints, tf.int64), tf.uint64)
     low = tf.bitwise.bitwise_and(x, tf.constant(0xFFFFFFFF, tf.uint64))

@@ -2,7 +2,7 @@
 
 A config names the families once and assigns features to them; everything unnamed takes the defaults::
 
-    build_collection.families = {"unified": @Unified(), "dhe": @DHE()}
+    build_collection.families = {"unified": @Unified(), "dhe": @DeepHashEmbedding()}
     build_collection.default_family = "unified"
     build_collection.family_of = {"C3": "dhe", "C12": "dhe"}
     build_collection.default_dim = 16
@@ -21,7 +21,7 @@ import gin
 
 from ctr.data import schema as schema_lib
 from embeddings.collection import EmbeddingCollection, Family
-from embeddings.sharding import LookupOptions
+from embeddings.table_placement import LookupOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +90,7 @@ def build_collection(
 
     Args:
       schema: dataset schema.
-      families: family key -> family config (``@PerFeature()``, ``@Unified()``, ``@DHE()``).
+      families: family key -> family config (``@PerFeature()``, ``@Unified()``, ``@DeepHashEmbedding()``).
       default_family: family of features not in ``family_of`` (may be omitted with one family).
       family_of: feature -> family key.
       default_dim: width of features not in ``dims``.

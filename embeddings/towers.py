@@ -10,12 +10,12 @@ like any other, and ``combine`` returns ``ModelInputs`` whose ``towers[name]`` h
     train.embedding_fn = @tower_collections
     tower_collections.towers = {"interformer": @interformer/build_collection, "dhen": @dhen/build_collection}
     interformer/build_collection.families = {"unified": @Unified()}
-    dhen/build_collection.families = {"dhe": @DHE()}
+    dhen/build_collection.families = {"dhe": @DeepHashEmbedding()}
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import gin
@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from ctr.data import schema as schema_lib
-from ctr.models.inputs import ModelInputs
+from ctr.model_io import ModelInputs
 from embeddings import sparse_optim
 from embeddings.collection import EmbeddingCollection
 from embeddings.tables import TableConfig
@@ -44,7 +44,7 @@ class _TowerEmbedding(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class TowerCollections:
-    """Several towers' collections behind the :class:`EmbeddingCollection` interface the trainer uses.
+    """Several towers' collections behind the :class:`~embeddings.collection.Embeddings` contract the trainer uses.
 
     Attributes:
       schema: the dataset schema (shared by every tower).
@@ -63,7 +63,7 @@ class TowerCollections:
     def tables(self) -> dict[str, TableConfig]:
         return {f"{t}{SEP}{k}": v for t, c in self.towers for k, v in c.tables.items()}
 
-    def with_mesh(self, mesh: Mesh, row_axes=None) -> TowerCollections:
+    def with_mesh(self, mesh: Mesh, row_axes: Sequence[str] | None = None) -> TowerCollections:
         return dataclasses.replace(self, towers=tuple((t, c.with_mesh(mesh, row_axes)) for t, c in self.towers))
 
     def table_shardings(self) -> dict[str, NamedSharding]:
@@ -79,9 +79,9 @@ class TowerCollections:
         keys = jax.random.split(rng, len(self.towers))
         return self._merge(c.init(k) for (_, c), k in zip(self.towers, keys))
 
-    def gather(self, tables: Mapping[str, jax.Array], ids: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    def read_rows(self, tables: Mapping[str, jax.Array], ids: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         return self._merge(
-            c.gather(t, i) for (_, c), t, i in zip(self.towers, self._split(tables), self._split(ids))
+            c.read_rows(t, i) for (_, c), t, i in zip(self.towers, self._split(tables), self._split(ids))
         )
 
     def combine(self, rows: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> ModelInputs:

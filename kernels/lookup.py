@@ -36,7 +36,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import lookup_gpu, lookup_tpu
+from kernels import dedupe, lookup_gpu, lookup_tpu
 from kernels.bags import SubBags, dense_subbags, ragged_subbags, subbag_width
 from kernels.lookup_reference import COMBINERS, Combiner, lookup_reference, mean_from_sums
 from kernels.oob import OOB_POLICIES, OobPolicy, check_in_range, resolve_ids
@@ -155,9 +155,8 @@ def lookup_row_grads(
     size = targets.shape[0]
     if size == 0:
         return RowGrads(targets, slot_grads, jnp.int32(0))
-    unique, inverse = jnp.unique(targets, size=size, fill_value=num_rows, return_inverse=True)
-    grads = jax.ops.segment_sum(slot_grads, inverse.reshape(-1), size)
-    return RowGrads(unique.astype(jnp.int32), grads, jnp.sum(unique < num_rows, dtype=jnp.int32))
+    unique, grads, valid = dedupe.dedupe_row_grads(targets.astype(jnp.int32), slot_grads, num_rows)
+    return RowGrads(unique, grads, jnp.sum(valid, dtype=jnp.int32))
 
 
 def _canonicalize(

@@ -1,4 +1,4 @@
-"""Avazu mobile-ads CTR logs: raw layout, schema, streaming parser, processing options, synthetic generator.
+"""Avazu mobile-ads CTR logs: raw layout, schema, streaming parser, processing options (generator: ctr.data.synthetic).
 
 Raw layout (Kaggle ``train.csv``, plain or gzip): a header line, then one example per line, 24 comma-separated
 fields: ``id`` (row id, dropped), ``click`` (0/1), ``hour`` (``YYMMDDHH``, UTC), then 21 anonymised
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gzip
 import os
 import re
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -22,8 +21,8 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import gin
 import numpy as np
 
-from ctr import errors
-from ctr.data import raw
+from ctr import errors, tf_import
+from ctr.data import raw, row_accounting
 from ctr.data import rows as rows_lib
 from ctr.data import schema as schema_lib
 from ctr.data import text
@@ -81,26 +80,17 @@ def check_header(path: str) -> None:
         raise raw.ParseError(f"{path}:1: field *: expected the Avazu header {','.join(COLUMNS)}, got {','.join(names)}")
 
 
-def open_raw(
-    raw_dir: str,
-    accounting: raw.RowAccounting,
-    processing: Processing,
-    time_split: bool = False,
-    threads: int = 2,
-    emit: raw.Emit | None = None,
-    tmp_dir: str | None = None,
-    raw_files: Sequence[str] = (),
-) -> raw.RawSource:
-    """Avazu's raw file (matching ``raw_files`` when given) as a stream of parsed rows (a row's ``day`` is its
-    date as YYYYMMDD); progress goes to ``emit``."""
-    del processing, time_split, tmp_dir  # the vocabulary is applied by prepare; days are dates; no temp files
-    paths = input_files(raw_dir, raw_files)
-    rows = read(paths, accounting, threads, raw.progress_for(NAME, paths, emit))
+def open_raw(raw_dir: str, *, processing: Processing, options: raw.ReadOptions) -> raw.RawSource:
+    """Avazu's raw file (matching ``options.raw_files`` when given) as a stream of parsed rows (a row's ``day``
+    is its date as YYYYMMDD, whatever the split). ``processing`` has no reader options (prepare applies the
+    vocabulary); no temporary files."""
+    paths = input_files(raw_dir, options.raw_files)
+    rows = read(paths, options.accounting, options.threads, raw.progress_for(NAME, paths, options.emit))
     return raw.RawSource(feature_schema(), rows, raw.estimate_lines(paths, 1), NAME)
 
 
 def read(
-    paths: list[str], accounting: raw.RowAccounting, threads: int = 2, progress: raw.Progress | None = None
+    paths: list[str], accounting: row_accounting.RowAccounting, threads: int = 2, progress: raw.Progress | None = None
 ) -> Iterator[rows_lib.Rows]:
     """Parsed rows of raw Avazu CSV files (each with its header), streaming."""
     for path in paths:
@@ -108,7 +98,7 @@ def read(
     return raw.stream_rows(paths, parse_block, accounting, NAME, threads, skip_lines=1, progress=progress)
 
 
-def parse_block(block: raw.Block) -> tuple[rows_lib.Rows, list[raw.Rejection]]:
+def parse_block(block: raw.Block) -> tuple[rows_lib.Rows, list[row_accounting.Rejection]]:
     """Parses one block of raw lines: ``Rows`` (``label [n]``, ``ids [n, 24]``, ``day [n]`` = YYYYMMDD) and a
     rejection per bad row."""
     data = block.data
@@ -124,11 +114,11 @@ def parse_block(block: raw.Block) -> tuple[rows_lib.Rows, list[raw.Rejection]]:
     def shown(row: int, col: int) -> str:
         return errors.quote(text.span_bytes(data, starts[row, col], ends[row, col]))
 
-    checks: list[raw.Check] = [
+    checks: list[row_accounting.Check] = [
         (click_ok, "bad_label", "click", lambda r: f"click must be 0 or 1, got {shown(r, _CLICK)}"),
         (hour_ok, "bad_hour", "hour", lambda r: f"hour must be a valid YYMMDDHH, got {shown(r, _HOUR)}"),
     ]
-    keep, rejections = raw.block_rejections(block, spans, checks, _LAYOUT)
+    keep, rejections = row_accounting.block_rejections(block, spans, checks, _LAYOUT)
     if not keep.all():
         starts, ends, click, yy, mm, dd = starts[keep], ends[keep], click[keep], yy[keep], mm[keep], dd[keep]
     weekday = (days_from_civil(2000 + yy, mm, dd) + 3) % 7  # 1970-01-01 was a Thursday (3)
@@ -175,7 +165,7 @@ def _time_tables() -> tuple[np.ndarray, np.ndarray]:
 def time_features_tf(hour: tf.Tensor) -> dict[str, tf.Tensor]:
     """The raw strings of the ``hour``, ``weekday`` and ``weekend`` features from raw ``YYMMDDHH`` strings
     (serving; ``fingerprint(name, ...)`` of each gives the ids prepare wrote)."""
-    import tensorflow as tf  # serving-side; the reader is numpy only
+    tf = tf_import.tensorflow()  # serving-side; the reader is numpy only
 
     value = tf.strings.to_number(hour, tf.int64)
     yy, mm, dd = value // 1_000_000, value // 10_000 % 100, value // 100 % 100
@@ -185,63 +175,3 @@ def time_features_tf(hour: tf.Tensor) -> dict[str, tf.Tensor]:
         "weekday": tf.strings.as_string(weekday),
         "weekend": tf.strings.as_string(tf.cast(weekday >= 5, tf.int64)),
     }
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Synthetic data in the raw layout, with learnable structure.
-
-
-def write_synthetic(path: str, num_rows: int, seed: int = 0, days: int = 10, start_date: str = "141021") -> None:
-    """Writes ``num_rows`` raw Avazu lines (with header) to ``path`` whose clicks a CTR model can learn.
-
-    Rows are spread evenly over ``days`` days from ``start_date`` (YYMMDD) in time order, as in the real file.
-    The click logit sums a per-value effect of every categorical column (Zipf-like value frequencies,
-    vocabularies from 2 to ~20k values), a cross between ``site_id`` and ``device_model`` that only feature
-    interactions capture, and an hour-of-day and weekend effect. ``.gz`` paths are written gzip-compressed.
-    """
-    rng = np.random.default_rng(seed)
-    n_cat = len(RAW_CATEGORICAL)
-    vocab = np.exp(rng.uniform(np.log(2), np.log(20_000), n_cat)).astype(np.int64)
-    zipf = rng.uniform(1.5, 4.0, n_cat)
-    effects = [rng.normal(0.0, s, v) for s, v in zip(rng.uniform(0.1, 0.5, n_cat), vocab)]
-    cross_a, cross_b = RAW_CATEGORICAL.index("site_id"), RAW_CATEGORICAL.index("device_model")
-    factors = {f: rng.normal(0.0, 0.6, (vocab[f], 3)) for f in (cross_a, cross_b)}
-    hour_effect = 0.4 * np.sin(np.arange(24) / 24 * 2 * np.pi)
-    hex_fields = {"site_id", "site_domain", "site_category", "app_id", "app_domain", "app_category", "device_id",
-                  "device_ip", "device_model"}  # fmt: skip
-    salt = rng.integers(1, 2**31, n_cat)
-    row_rng = np.random.default_rng([seed, 1])
-    idx = np.empty((num_rows, n_cat), np.int64)
-    for f in range(n_cat):
-        idx[:, f] = np.minimum((vocab[f] * row_rng.random(num_rows) ** zipf[f]).astype(np.int64), vocab[f] - 1)
-    position = np.arange(num_rows) * days * 24 // max(num_rows, 1)  # hours since the start, in time order
-    start = np.datetime64(f"20{start_date[:2]}-{start_date[2:4]}-{start_date[4:]}")
-    dates = start + (position // 24).astype("timedelta64[D]")
-    weekday = (dates.astype(np.int64) + 3) % 7
-    logit = -1.6 + hour_effect[position % 24] + 0.3 * (weekday >= 5)
-    for f in range(n_cat):
-        logit += effects[f][idx[:, f]]
-    logit += np.sum(factors[cross_a][idx[:, cross_a]] * factors[cross_b][idx[:, cross_b]], axis=1)
-    click = (row_rng.random(num_rows) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
-    month_start = dates.astype("datetime64[M]")
-    yymmddhh = (
-        (month_start.astype("datetime64[Y]").astype(np.int64) + 70) % 100 * 1_000_000
-        + (month_start.astype(np.int64) % 12 + 1) * 10_000
-        + ((dates - month_start).astype(np.int64) + 1) * 100
-        + position % 24
-    )
-    columns = [
-        row_rng.integers(0, 2**63, num_rows, dtype=np.uint64).astype(str).tolist(),
-        click.astype(str).tolist(),
-        [f"{h:08d}" for h in yymmddhh.tolist()],
-    ]
-    for f, name in enumerate(RAW_CATEGORICAL):
-        if name in hex_fields:
-            columns.append([f"{h:08x}" for h in ((idx[:, f] * 2654435761 + salt[f]) & 0xFFFFFFFF).tolist()])
-        else:
-            columns.append((idx[:, f] + (1000 if name.startswith("C") else 0)).astype(str).tolist())
-    lines = [",".join(row) for row in zip(*columns)]
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "wt", encoding="ascii") as out:
-        out.write(",".join(COLUMNS) + "\n")
-        out.write("\n".join(lines) + "\n")

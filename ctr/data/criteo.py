@@ -1,4 +1,4 @@
-"""Criteo display-ads logs: raw layout, schema, streaming parser, processing options and a synthetic generator.
+"""Criteo display-ads logs: raw layout, schema, streaming parser, processing options (generator: ctr.data.synthetic).
 
 Raw layout (Kaggle ``train.txt``; the 1TB ``day_0``..``day_23`` files are the same, often gzipped): one example
 per line, 40 tab-separated fields, no header: ``label`` (0/1), ``I1``..``I13`` integer counts (``I2`` has small
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gzip
 import os
 import re
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -24,8 +23,8 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import gin
 import numpy as np
 
-from ctr import errors
-from ctr.data import raw
+from ctr import errors, tf_import
+from ctr.data import raw, row_accounting
 from ctr.data import rows as rows_lib
 from ctr.data import schema as schema_lib
 from ctr.data import text
@@ -111,35 +110,26 @@ def file_day(path: str) -> int | None:
     return int(match[1]) if match else None
 
 
-def open_raw(
-    raw_dir: str,
-    accounting: raw.RowAccounting,
-    processing: Processing,
-    time_split: bool = False,
-    threads: int = 2,
-    emit: raw.Emit | None = None,
-    tmp_dir: str | None = None,
-    raw_files: Sequence[str] = (),
-) -> raw.RawSource:
-    """Criteo's raw files (those matching ``raw_files`` when given) as a stream of parsed rows.
+def open_raw(raw_dir: str, *, processing: Processing, options: raw.ReadOptions) -> raw.RawSource:
+    """Criteo's raw files (those matching ``options.raw_files`` when given) as a stream of parsed rows.
 
     The ``day`` of a row is ``k`` of its 1TB ``day_k`` file. For the single Kaggle file it is
     ``(line - 1) // ceil(lines / 7)`` (the file holds 7 days in time order without timestamps); counting the
-    lines costs an extra streaming pass, made only when ``time_split`` needs days. Progress goes to ``emit``.
+    lines costs an extra streaming pass, made only when ``options.time_split`` needs days. Streams straight through
+    (no temporary files).
     """
-    paths = input_files(raw_dir, raw_files)
+    paths = input_files(raw_dir, options.raw_files)
     lines_per_day = None
-    if time_split and file_day(paths[0]) is None:
+    if options.time_split and file_day(paths[0]) is None:
         lines_per_day = -(-raw.count_lines(paths[0]) // KAGGLE_DAYS)
-    del tmp_dir  # streams straight through
-    progress = raw.progress_for(NAME, paths, emit)
-    rows = read(paths, accounting, processing.int_buckets, threads, lines_per_day, progress)
+    progress = raw.progress_for(NAME, paths, options.emit)
+    rows = read(paths, options.accounting, processing.int_buckets, options.threads, lines_per_day, progress)
     return raw.RawSource(feature_schema(processing.int_buckets), rows, raw.estimate_lines(paths), NAME)
 
 
 def read(
     paths: list[str],
-    accounting: raw.RowAccounting,
+    accounting: row_accounting.RowAccounting,
     int_buckets: bool = False,
     threads: int = 2,
     lines_per_day: int | None = None,
@@ -158,7 +148,7 @@ def read(
     """
     day_of_file = {path: i if file_day(path) is None else file_day(path) for i, path in enumerate(paths)}
 
-    def parse(block: raw.Block) -> tuple[rows_lib.Rows, list[raw.Rejection]]:
+    def parse(block: raw.Block) -> tuple[rows_lib.Rows, list[row_accounting.Rejection]]:
         return parse_block(block, int_buckets, day_of_file[block.source], lines_per_day)
 
     return raw.stream_rows(paths, parse, accounting, NAME, threads, progress=progress)
@@ -166,7 +156,7 @@ def read(
 
 def parse_block(
     block: raw.Block, int_buckets: bool = False, day: int = 0, lines_per_day: int | None = None
-) -> tuple[rows_lib.Rows, list[raw.Rejection]]:
+) -> tuple[rows_lib.Rows, list[row_accounting.Rejection]]:
     """Parses one block of raw lines: the well-formed rows, and a rejection per bad row.
 
     Returns:
@@ -183,10 +173,12 @@ def parse_block(
     def shown(row: int, col: int) -> str:
         return errors.quote(text.span_bytes(data, starts[row, col], ends[row, col]))
 
-    checks: list[raw.Check] = [(label_ok, "bad_label", "label", lambda r: f"label must be 0 or 1, got {shown(r, 0)}")]
+    checks: list[row_accounting.Check] = [
+        (label_ok, "bad_label", "label", lambda r: f"label must be 0 or 1, got {shown(r, 0)}")
+    ]
     for j, field in enumerate(INT_FIELDS):
         checks.append((valid[:, j], "not_an_integer", field, lambda r, j=j: f"not an integer {shown(r, 1 + j)}"))
-    keep, rejections = raw.block_rejections(block, spans, checks, _LAYOUT)
+    keep, rejections = row_accounting.block_rejections(block, spans, checks, _LAYOUT)
     line_index = spans.line_index
     if not keep.all():
         starts, ends, label_byte, ints, present = starts[keep], ends[keep], label_byte[keep], ints[keep], present[keep]
@@ -228,7 +220,7 @@ def parse_lines(
     data = b"".join(line + b"\n" for line in values)
     block = raw.Block(source, np.frombuffer(data, np.uint8), first_line, len(values), False, len(data))
     rows, rejections = parse_block(block, int_buckets)
-    raw.RowAccounting(max_bad_rows=0).reject(NAME, source, rejections)
+    row_accounting.RowAccounting(max_bad_rows=0).reject(NAME, source, rejections)
     return rows_lib.to_batch(feature_schema(int_buckets), rows.arrays())
 
 
@@ -241,7 +233,7 @@ def int_bucket_values(ints: np.ndarray) -> np.ndarray:
 def int_bucket_strings_tf(ints: tf.Tensor, present: tf.Tensor) -> tf.Tensor:
     """The raw string of each ``I<k>_bucket`` value in TensorFlow (for serving): the bucket in decimal, or the
     empty string where the integer is missing. ``fingerprint(bucket_field(f), ...)`` of it is the id."""
-    import tensorflow as tf  # serving-side; the readers are numpy only
+    tf = tf_import.tensorflow()  # serving-side; the readers are numpy only
 
     xf = tf.cast(ints, tf.float64)
     bucket = tf.where(ints > 2, tf.floor(tf.math.log(tf.maximum(xf, 1.0)) ** 2), xf)
@@ -269,80 +261,3 @@ def _bucket_table() -> np.ndarray:
     column is the missing value."""
     values = [str(b) for b in range(_BUCKET_LOW, _BUCKET_HIGH + 1)] + [""]
     return np.stack([fingerprint_strings(bucket_field(f), values) for f in INT_FIELDS])
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Synthetic data in the raw layout, with learnable structure.
-
-
-def write_synthetic(path: str, num_rows: int, seed: int = 0, chunk_rows: int = 200_000) -> None:
-    """Writes ``num_rows`` raw Criteo lines to ``path`` whose clicks a CTR model can learn.
-
-    The click logit sums (a) a per-value effect for every categorical field, with long-tailed (Zipf-like)
-    value frequencies and vocabularies from 8 to ~50k values, (b) low-rank crosses between field pairs, which a
-    model only captures through feature interactions, (c) smooth functions of a few integer fields. Values are
-    missing at per-field rates up to 40%, and missing carries its own effect. The same ``seed`` gives the same
-    file; different ``num_rows`` with the same seed share the same generating model. A path ending in ``.gz``
-    is written gzip-compressed.
-    """
-    rng = np.random.default_rng(seed)
-    n_cat = len(CAT_FIELDS)
-    vocab = np.exp(rng.uniform(np.log(8), np.log(50_000), n_cat)).astype(np.int64)
-    zipf = rng.uniform(1.5, 4.0, n_cat)  # larger = heavier head
-    missing_rate = np.where(rng.random(n_cat) < 0.5, rng.uniform(0.0, 0.4, n_cat), 0.0)
-    effect_scale = rng.uniform(0.1, 0.6, n_cat)
-    effects = [rng.normal(0.0, s, v + 1) for s, v in zip(effect_scale, vocab)]  # index v = missing
-    cross_pairs = [tuple(p) for p in rng.choice(n_cat, size=(8, 2), replace=False)]
-    rank = 3
-    cross_factors = {f: rng.normal(0.0, 0.5, (vocab[f] + 1, rank)) for f in {f for p in cross_pairs for f in p}}
-    salt = rng.integers(1, 2**31, n_cat)
-    int_missing = rng.uniform(0.0, 0.3, len(INT_FIELDS))
-    int_scale = np.exp(rng.uniform(0.0, 5.0, len(INT_FIELDS)))
-    int_weight = np.zeros(len(INT_FIELDS))
-    int_weight[:4] = rng.normal(0.0, 0.35, 4)
-
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "wt", encoding="ascii") as out:
-        row_rng = np.random.default_rng([seed, 1])
-        for start in range(0, num_rows, chunk_rows):
-            n = min(chunk_rows, num_rows - start)
-            idx = np.empty((n, n_cat), np.int64)
-            for f in range(n_cat):
-                u = row_rng.random(n)
-                idx[:, f] = np.minimum((vocab[f] * u ** zipf[f]).astype(np.int64), vocab[f] - 1)
-                idx[row_rng.random(n) < missing_rate[f], f] = vocab[f]
-            logit = np.full(n, -1.2)
-            for f in range(n_cat):
-                logit += effects[f][idx[:, f]]
-            for a, b in cross_pairs:
-                logit += np.sum(cross_factors[a][idx[:, a]] * cross_factors[b][idx[:, b]], axis=1)
-            ints = np.floor(row_rng.exponential(1.0, (n, len(INT_FIELDS))) * int_scale).astype(np.int64)
-            ints[:, 1] -= (row_rng.random(n) < 0.05) * row_rng.integers(1, 4, n)  # I2's small negatives
-            int_present = row_rng.random((n, len(INT_FIELDS))) >= int_missing
-            logt = np.log1p(np.maximum(ints, 0)) / np.log1p(int_scale)
-            logit += np.sum(np.where(int_present, np.sin(3.0 * logt) * int_weight, 0.0), axis=1)
-            label = (row_rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
-            out.write(_format_rows(label, ints, int_present, idx, vocab, salt))
-
-
-def _format_rows(label, ints, int_present, idx, vocab, salt) -> str:
-    """Formats generated rows as raw TSV text, through TensorFlow's vectorised string ops."""
-    import tensorflow as tf  # only the generator needs it
-
-    hexes = (idx * 2654435761 + salt) & 0xFFFFFFFF
-    cats = tf.where(idx < vocab, _hex(hexes), "")
-    int_text = tf.where(int_present, tf.strings.as_string(ints), "")
-    cols = tf.concat([tf.strings.as_string(label)[:, None], int_text, cats], axis=1)
-    lines = tf.strings.reduce_join(cols, axis=1, separator="\t")
-    return "\n".join(s.decode() for s in lines.numpy()) + "\n"
-
-
-def _hex(values: np.ndarray) -> tf.Tensor:
-    """8-digit lower-case hex of uint32 values (vectorised: 8 nibble lookups)."""
-    import tensorflow as tf
-
-    digits = np.frombuffer(b"0123456789abcdef", np.uint8)
-    nibbles = (values[..., None] >> np.arange(28, -1, -4)) & 0xF
-    chars = digits[nibbles]  # [..., 8] uint8
-    flat = chars.reshape(-1, 8).view("S8").reshape(values.shape)
-    return tf.constant(flat)

@@ -1,7 +1,8 @@
 """Datasets as the trainer sees them: named splits of host arrays and a resumable batch order.
 
-A :class:`Dataset` holds each split as a dict of numpy arrays in the batch layout of
-:mod:`ctr.data.schema`. The training order is a pure function of (seed, step): epoch ``e`` visits the rows in
+:class:`Dataset` is the trainer's contract; :class:`InMemoryDataset` holds each split as a dict of numpy arrays
+in the batch layout of :mod:`ctr.data.schema` (the synthetic datasets of :mod:`ctr.data.synthetic` are
+in-memory ones). The training order is a pure function of (seed, step): epoch ``e`` visits the rows in
 ``permutation(seed, e)``, global batch ``b`` of that epoch is rows ``[b*B, (b+1)*B)`` of it and the last partial
 batch is dropped. So the input position is just the step number, which the checkpoint already holds, and a
 resumed run reads exactly the examples an uninterrupted run would. In a multi-host job every host computes the
@@ -10,25 +11,48 @@ same global batch indices and takes its own contiguous ``B / num_processes`` sli
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
-import shutil
-from typing import Iterator
+from typing import Iterator, Protocol
 
-import gin
 import numpy as np
 
-from ctr.data import avazu, criteo, raw, splits, taobao
-from ctr.data import rows as rows_lib
 from ctr.data import schema as schema_lib
 from ctr.data.splits import TEST, TRAIN, VALID
 
 Batch = dict[str, np.ndarray]
 
 
+class Dataset(Protocol):
+    """What the trainer consumes: a schema, named splits and a resumable batch order (see the module docstring).
+
+    Host batches are dicts of numpy arrays in the batch layout of :mod:`ctr.data.schema` (``label [b]``,
+    ``dense [b, n_dense]``, one ``[b]`` int64 fingerprint array per categorical feature, ``[b, L]`` per sequence
+    with its ``[b, L]`` bool mask, ``group [b]``), ``b`` being this host's rows of the global batch.
+    Implementations: :class:`InMemoryDataset` (synthetic data, tests) and
+    :class:`ctr.data.prepared.PreparedDataset` (memory-mapped prepared shards).
+    """
+
+    schema: schema_lib.FeatureSchema
+
+    def num_rows(self, split: str) -> int:
+        """Examples in ``split`` (``"train"``, ``"valid"`` or ``"test"``)."""
+
+    def steps_per_epoch(self, global_batch: int) -> int:
+        """Whole global batches in one pass over the train split (the last partial batch is dropped)."""
+
+    def train_batches(self, global_batch: int, start_step: int, seed: int, process_index: int = 0,
+                      process_count: int = 1) -> Iterator[Batch]:  # fmt: skip
+        """This host's ``global_batch // process_count`` rows of every global training batch from ``start_step``
+        on, forever, in an order that is a pure function of (seed, step): :func:`train_rows`."""
+
+    def eval_batches(self, split: str, batch_size: int, process_index: int = 0,
+                     process_count: int = 1) -> Iterator[tuple[Batch, int]]:  # fmt: skip
+        """The whole ``split`` in order as (host batch of ``batch_size // process_count`` rows, number of real
+        rows) pairs: the last batch is padded by repeating row 0 (:func:`eval_rows`)."""
+
+
 @dataclasses.dataclass
-class Dataset:
-    """Parsed splits of one dataset, in host memory."""
+class InMemoryDataset:
+    """Parsed splits of one dataset, in host memory (a :class:`Dataset`)."""
 
     schema: schema_lib.FeatureSchema
     splits: dict[str, Batch]
@@ -62,7 +86,9 @@ class Dataset:
         for rows in train_rows(self.num_rows(TRAIN), global_batch, start_step, seed, process_index, process_count):
             yield {key: value[rows] for key, value in data.items()}
 
-    def eval_batches(self, split: str, batch_size: int, process_index: int = 0, process_count: int = 1):
+    def eval_batches(
+        self, split: str, batch_size: int, process_index: int = 0, process_count: int = 1
+    ) -> Iterator[tuple[Batch, int]]:
         """The whole ``split`` in order, as (host batch, number of real rows) pairs.
 
         Every batch has exactly ``batch_size // process_count`` rows per host so that one compiled eval step
@@ -148,96 +174,3 @@ def split_random(batch: Batch, fractions: tuple[float, float, float], seed: int)
     cut2 = cut1 + int(round(n * fractions[1]))
     parts = {TRAIN: order[:cut1], VALID: order[cut1:cut2], TEST: order[cut2:]}
     return {name: {k: v[np.sort(rows)] for k, v in batch.items()} for name, rows in parts.items()}
-
-
-@gin.configurable
-def synthetic_criteo(
-    data_dir: str = gin.REQUIRED,
-    num_rows: int = 400_000,
-    seed: int = 0,
-    int_buckets: bool = False,
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-) -> Dataset:
-    """The built-in synthetic dataset in the raw Criteo layout (see :func:`ctr.data.criteo.write_synthetic`).
-
-    The raw file is generated once into ``data_dir`` (reused when present), parsed by the real Criteo parser
-    and split at random 8:1:1.
-
-    Args:
-      data_dir: directory for the generated file (relative paths are taken from the run directory).
-      num_rows: rows to generate.
-      seed: generator and split seed.
-      int_buckets: also use the integer columns as bucketised categorical features.
-      split_fractions: train/valid/test fractions.
-    """
-    path = _generated(
-        data_dir, f"criteo_synthetic_{num_rows}_{seed}.txt", lambda p: criteo.write_synthetic(p, num_rows, seed)
-    )
-    rows = criteo.read([path], raw.RowAccounting(), int_buckets=int_buckets)
-    return _split_at_random(criteo.feature_schema(int_buckets=int_buckets), rows, split_fractions, seed)
-
-
-@gin.configurable
-def synthetic_avazu(
-    data_dir: str = gin.REQUIRED,
-    num_rows: int = 400_000,
-    seed: int = 0,
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-) -> Dataset:
-    """Synthetic data in the raw Avazu layout (:func:`ctr.data.avazu.write_synthetic`), generated once into
-    ``data_dir``, parsed by the real Avazu parser and split at random 8:1:1."""
-    path = _generated(
-        data_dir, f"avazu_synthetic_{num_rows}_{seed}.csv", lambda p: avazu.write_synthetic(p, num_rows, seed)
-    )
-    return _split_at_random(avazu.feature_schema(), avazu.read([path], raw.RowAccounting()), split_fractions, seed)
-
-
-def _split_at_random(schema, row_blocks, split_fractions, seed) -> Dataset:
-    rows = rows_lib.Rows.concat(list(row_blocks))
-    return Dataset(schema=schema, splits=split_random(rows_lib.to_batch(schema, rows.arrays()), split_fractions, seed))
-
-
-@gin.configurable
-def synthetic_taobao(
-    data_dir: str = gin.REQUIRED,
-    num_users: int = 5_000,
-    impressions_per_user: float = 20.0,
-    seed: int = 0,
-    max_len: int = taobao.MAX_LEN,
-    mechanism: str = "presence",
-    ad_prior: float = 0.3,
-) -> Dataset:
-    """Synthetic data in the four raw TaobaoAds files (:func:`ctr.data.taobao.write_synthetic`: clicks depend
-    on the behaviour sequences through ``mechanism``, plus user effects and per-ad effects of std ``ad_prior``),
-    generated once into ``data_dir``, joined by the real reader and split by day as TaobaoAds is: 2017-05-13 is
-    test, and valid is the test day (the BARS protocol)."""
-    # The default mechanism keeps the directory name of the data generated before mechanisms existed.
-    variant = "" if (mechanism, ad_prior) == ("presence", 0.3) else f"_{mechanism}_prior{ad_prior:g}"
-    raw_dir = _generated(
-        data_dir, f"taobao_synthetic_{num_users}_{seed}{variant}",
-        lambda p: taobao.write_synthetic(
-            p, num_users, impressions_per_user, seed, mechanism=mechanism, ad_prior=ad_prior
-        ),
-    )  # fmt: skip
-    source = taobao.open_raw(raw_dir, raw.RowAccounting(), taobao.Processing(max_len=max_len))
-    rows = rows_lib.Rows.concat(list(source.rows))
-    split = splits.assign(splits.SplitSpec("time", valid="test"), rows.day, np.arange(len(rows)), seed, taobao.TEST_DAY)
-    parts = {
-        name: rows_lib.to_batch(source.schema, rows.take(split == i).arrays()) for i, name in enumerate(splits.NAMES)
-    }
-    parts[VALID] = parts[TEST]
-    return Dataset(schema=source.schema, splits=parts)
-
-
-def _generated(data_dir: str, name: str, write) -> str:
-    """``data_dir/name``, written by ``write(path)`` unless present (atomically, so a crash leaves nothing)."""
-    os.makedirs(data_dir, exist_ok=True)
-    path = os.path.join(data_dir, name)
-    if not os.path.exists(path):
-        logging.info("generating %s", path)
-        tmp = f"{path}.partial{os.getpid()}"  # hosts sharing a filesystem may generate at once
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-        write(tmp)
-        os.replace(tmp, path)
-    return path

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from ctr import tf_import
 from ctr.data.text import Words
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ ID_SPACE = 2**63 - 1
 
 def fingerprint(field: str, values: tf.Tensor) -> tf.Tensor:
     """Ids for raw string ``values`` (any shape) of ``field``: int64, same shape, in ``[0, 2**63 - 1)``."""
-    import tensorflow as tf  # the numpy path below serves the readers and the input pipeline without TF
+    tf = tf_import.tensorflow()  # the numpy path below serves the readers and the input pipeline without TF
 
     return tf.strings.to_hash_bucket_fast(tf.add(field + SEPARATOR, values), ID_SPACE)
 
@@ -219,7 +220,7 @@ def _empty_id(field: str) -> int:
 
 def _fingerprint_tf(fields: np.ndarray, data: np.ndarray, starts: np.ndarray, value_len: int) -> np.ndarray:
     """The TensorFlow path for strings over 64 bytes: ``fields[i]`` is the field of the value at ``starts[i]``."""
-    import tensorflow as tf
+    tf = tf_import.tensorflow()
 
     values = tf.constant([data[s : s + value_len].tobytes() for s in starts.tolist()], tf.string)
     names = tf.constant(fields.tolist(), tf.string)

@@ -99,7 +99,7 @@ class _Split:
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.num_rows = int(self.offsets[-1])
 
-    def gather(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """The stored arrays at ``rows`` (sorted ascending), each ``[len(rows), ...]``."""
         bounds = np.searchsorted(rows, self.offsets)
         out = {}
@@ -149,7 +149,7 @@ class PreparedDataset:
         for rows in dataset_lib.train_rows(
             data.num_rows, global_batch, start_step, seed, process_index, process_count, self.block_rows
         ):
-            yield rows_lib.to_batch(self.schema, data.gather(np.sort(rows)))
+            yield rows_lib.to_batch(self.schema, data.read(np.sort(rows)))
 
     def eval_batches(
         self, split: str, batch_size: int, process_index: int = 0, process_count: int = 1
@@ -158,9 +158,9 @@ class PreparedDataset:
         row 0 to keep every batch ``batch_size // process_count`` rows."""
         data = self._splits[split]
         for rows, real in dataset_lib.eval_rows(self.num_rows(split), batch_size, process_index, process_count):
-            arrays = data.gather(rows[:real])  # ascending
+            arrays = data.read(rows[:real])  # ascending
             if real < len(rows):
-                padding = data.gather(rows[real:])  # all row 0
+                padding = data.read(rows[real:])  # all row 0
                 arrays = {name: np.concatenate([arrays[name], padding[name]]) for name in arrays}
             yield rows_lib.to_batch(self.schema, arrays), real
 

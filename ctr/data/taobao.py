@@ -1,4 +1,4 @@
-"""TaobaoAds (Ali_Display_Ad_Click): raw layout, join, behaviour sequences, schema, synthetic generator.
+"""TaobaoAds (Ali_Display_Ad_Click): raw layout, join, behaviour sequences, schema (generator: ctr.data.synthetic).
 
 Raw layout (four CSV files with headers, each plain or gzip):
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gzip
 import os
 import re
 import tempfile
@@ -40,7 +39,7 @@ import gin
 import numpy as np
 
 from ctr import errors
-from ctr.data import raw
+from ctr.data import raw, row_accounting, side_tables
 from ctr.data import rows as rows_lib
 from ctr.data import schema as schema_lib
 from ctr.data import text
@@ -61,12 +60,11 @@ BTAGS = ("pv", "cart", "fav", "buy")
 RAW_SAMPLE_ROWS = 26_557_961
 TEST_DAY = 20170513
 MAX_LEN = 50
-_UTC8 = 8 * 3600
-_NULL = b"NULL"
+UTC8 = 8 * 3600  # seconds: TaobaoAds timestamps are Beijing time
 _IMPRESSION = np.dtype([("user", "<i8"), ("ts", "<i8"), ("ad", "<i8"), ("userid", "<i8"), ("adgroup_id", "<i8"),
                         ("pid", "<i8"), ("label", "<f4")])  # fmt: skip
 # 25 bytes per behaviour on disk (user and time are checked to fit in int32).
-_BEHAVIOR = np.dtype([("user", "<i4"), ("ts", "<i4"), ("btag", "i1"), ("cate", "<i8"), ("brand", "<i8")])
+BEHAVIOR_DTYPE = np.dtype([("user", "<i4"), ("ts", "<i4"), ("btag", "i1"), ("cate", "<i8"), ("brand", "<i8")])
 
 
 @gin.configurable(module="taobao")
@@ -121,111 +119,26 @@ def check_header(path: str, expected: tuple[str, ...]) -> None:
         raise raw.ParseError(f"{path}:1: field *: expected the header {','.join(expected)}, got {','.join(names)}")
 
 
-def open_raw(
-    raw_dir: str,
-    accounting: raw.RowAccounting,
-    processing: Processing,
-    time_split: bool = True,
-    threads: int = 2,
-    emit: raw.Emit | None = None,
-    tmp_dir: str | None = None,
-    raw_files: Sequence[str] = (),
-) -> raw.RawSource:
-    """TaobaoAds' raw files (matching ``raw_files`` when given) as a stream of joined rows with behaviour
-    sequences (``day`` = YYYYMMDD, UTC+8).
+def open_raw(raw_dir: str, *, processing: Processing, options: raw.ReadOptions) -> raw.RawSource:
+    """TaobaoAds' raw files (matching ``options.raw_files`` when given) as a stream of joined rows with behaviour
+    sequences (``day`` = YYYYMMDD, UTC+8, whatever the split).
 
     Rows come partition by partition (users grouped by ``user % partitions``), each partition in impression
-    order. Temporary partition files live in ``tmp_dir`` (default: the system's) and are removed at the end.
-    Progress of the two streaming passes goes to ``emit``.
+    order. Temporary partition files live in ``options.tmp_dir`` (default: the system's) and are removed at the
+    end. Progress of the two streaming passes goes to ``options.emit``.
     """
-    del time_split  # days are dates whatever the split
-    paths = input_files(raw_dir, raw_files)
+    paths = input_files(raw_dir, options.raw_files)
     for name, columns in zip(FILES, (SAMPLE_COLUMNS, AD_COLUMNS, USER_COLUMNS, BEHAVIOR_COLUMNS)):
         check_header(paths[name], columns)
     partitions = max(1, -(-os.path.getsize(paths["behavior_log"]) // processing.partition_bytes))
-    rows = _joined_rows(paths, accounting, processing.max_len, partitions, threads, emit, tmp_dir)
+    rows = _joined_rows(paths, options.accounting, processing.max_len, partitions, options.threads, options.emit,
+                        options.tmp_dir)  # fmt: skip
     estimated_rows = raw.estimate_lines([paths["raw_sample"]], 1)
     return raw.RawSource(feature_schema(processing.max_len), rows, estimated_rows, "raw_sample")
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Side tables.
-
-
-@dataclasses.dataclass
-class _Table:
-    """A side table keyed by an integer: ``keys [k]`` sorted, ``ids [k, f]`` fingerprints, ``dense [k, d]``."""
-
-    keys: np.ndarray
-    ids: np.ndarray
-    dense: np.ndarray
-
-    def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(row of each key, whether it was found)."""
-        pos = np.minimum(np.searchsorted(self.keys, keys), max(len(self.keys) - 1, 0))
-        found = self.keys[pos] == keys if len(self.keys) else np.zeros(len(keys), bool)
-        return pos, found
-
-
-def _null_as_missing(words: text.Words, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """``ends`` with every span that reads ``NULL`` emptied (a missing value is the empty string)."""
-    null = np.uint64(int.from_bytes(_NULL, "little"))
-    is_null = (ends - starts == len(_NULL)) & ((words(starts) & np.uint64(0xFFFFFFFF)) == null)
-    return np.where(is_null, starts, ends)
-
-
-def _parse_floats(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Decimal floats of spans (a side table's few columns: per-value Python is fine): (values, valid)."""
-    values = np.zeros(len(starts), np.float64)
-    valid = np.ones(len(starts), bool)
-    for i, (s, e) in enumerate(zip(starts.tolist(), ends.tolist())):
-        try:
-            values[i] = float(data[s:e].tobytes())
-        except ValueError:
-            valid[i] = False
-    return values, valid & np.isfinite(values) & (values >= 0)
-
-
-def _load_table(
-    path: str, columns: tuple[str, ...], id_fields: tuple[str, ...], accounting: raw.RowAccounting,
-    input_name: str, threads: int, price_column: int | None = None,
-) -> _Table:
-    """A side table from a CSV whose first column is an integer key and the others categorical (plus a price)."""
-    id_columns = [columns.index(f) for f in id_fields]
-    layout = f"{len(columns)} comma-separated fields"
-
-    def parse(block: raw.Block) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], list[raw.Rejection]]:
-        data = block.data
-        spans = text.split_fields(data, b",", len(columns))
-        words = text.Words(data)
-        key, _, key_ok = text.parse_ints(words, spans.starts[:, 0], spans.ends[:, 0])
-        key_ok &= spans.ends[:, 0] > spans.starts[:, 0]
-        checks: list[raw.Check] = [(key_ok, "not_an_integer", columns[0], lambda r: "key must be an integer")]
-        price = np.zeros(len(key))
-        if price_column is not None:
-            price, price_ok = _parse_floats(data, spans.starts[:, price_column], spans.ends[:, price_column])
-            checks.append((price_ok, "bad_price", columns[price_column], lambda r: "price must be a number >= 0"))
-        keep, rejections = raw.block_rejections(block, spans, checks, layout)
-        starts, ends = spans.starts[keep][:, id_columns], spans.ends[keep][:, id_columns]
-        ends = _null_as_missing(words, starts, ends)
-        lines = block.first_line + spans.line_index[keep]
-        return (key[keep], fingerprint_spans(id_fields, words, starts, ends), price[keep], lines), rejections
-
-    parts = list(raw.stream_rows([path], parse, accounting, input_name, threads, skip_lines=1))
-    keys = np.concatenate([p[0] for p in parts])
-    ids = np.concatenate([p[1] for p in parts])
-    price = np.concatenate([p[2] for p in parts])
-    lines = np.concatenate([p[3] for p in parts])
-    order = np.argsort(keys, kind="stable")
-    duplicate = np.zeros(len(keys), bool)
-    duplicate[order[1:]] = keys[order[1:]] == keys[order[:-1]]
-    if duplicate.any():
-        accounting.reject(input_name, path, [
-            raw.Rejection(int(line), "duplicate_key", columns[0], f"{columns[0]} {keys[i]} appeared before")
-            for i, line in sorted(zip(np.flatnonzero(duplicate), lines[duplicate]), key=lambda t: t[1])
-        ])
-    order = order[~duplicate[order]]
-    return _Table(keys[order], ids[order], np.log1p(price[order]).astype(np.float32)[:, None])
+# Side-table defaults (the tables themselves: ctr.data.side_tables).
 
 
 @functools.lru_cache(maxsize=None)
@@ -244,13 +157,15 @@ def _btag_ids() -> np.ndarray:
 
 def _day_key(ts: np.ndarray) -> np.ndarray:
     """YYYYMMDD of unix seconds, in China time (UTC+8)."""
-    days = ((ts + _UTC8) // 86_400).astype("datetime64[D]")
+    days = ((ts + UTC8) // 86_400).astype("datetime64[D]")
     months = days.astype("datetime64[M]")
     years = months.astype("datetime64[Y]").astype(np.int64) + 1970
     return years * 10_000 + (months.astype(np.int64) % 12 + 1) * 100 + (days - months).astype(np.int64) + 1
 
 
-def _parse_impressions(block: raw.Block, ads: _Table) -> tuple[np.ndarray, list[raw.Rejection]]:
+def _parse_impressions(
+    block: raw.Block, ads: side_tables.SideTable
+) -> tuple[np.ndarray, list[row_accounting.Rejection]]:
     data = block.data
     spans = text.split_fields(data, b",", len(SAMPLE_COLUMNS))
     words = text.Words(data)
@@ -259,14 +174,15 @@ def _parse_impressions(block: raw.Block, ads: _Table) -> tuple[np.ndarray, list[
     clk = data[starts[:, 5]]
     clk_ok = (ends[:, 5] - starts[:, 5] == 1) & ((clk == ord("0")) | (clk == ord("1")))
     ad_row, ad_found = ads.find(ints[:, 2])
-    checks: list[raw.Check] = []
+    checks: list[row_accounting.Check] = []
     for j, field in enumerate(SAMPLE_COLUMNS[:3]):
         checks.append((valid[:, j] & present[:, j], "not_an_integer", field, _describe_int(data, starts, ends, j)))
         if j < 2:  # user and time form one 64-bit sort key
             checks.append((_in_key_range(ints[:, j]), "out_of_range", field, _describe_range(ints, j)))
     checks.append((clk_ok, "bad_label", "clk", lambda r: f"clk must be 0 or 1, got {_shown(data, starts, ends, r, 5)}"))
     checks.append((ad_found, "unknown_ad", "adgroup_id", lambda r: f"adgroup_id {ints[r, 2]} is not in ad_feature"))
-    keep, rejections = raw.block_rejections(block, spans, checks, f"{len(SAMPLE_COLUMNS)} comma-separated fields")
+    layout = f"{len(SAMPLE_COLUMNS)} comma-separated fields"
+    keep, rejections = row_accounting.block_rejections(block, spans, checks, layout)
     starts, ends = starts[keep], ends[keep]
     ids = fingerprint_spans(("userid", "adgroup_id", "pid"), words, starts[:, [0, 2, 3]], ends[:, [0, 2, 3]])
     out = np.empty(int(keep.sum()), _IMPRESSION)
@@ -276,7 +192,7 @@ def _parse_impressions(block: raw.Block, ads: _Table) -> tuple[np.ndarray, list[
     return out, rejections
 
 
-def _parse_behaviors(block: raw.Block) -> tuple[np.ndarray, list[raw.Rejection]]:
+def _parse_behaviors(block: raw.Block) -> tuple[np.ndarray, list[row_accounting.Rejection]]:
     data = block.data
     spans = text.split_fields(data, b",", len(BEHAVIOR_COLUMNS))
     words = text.Words(data)
@@ -289,7 +205,7 @@ def _parse_behaviors(block: raw.Block) -> tuple[np.ndarray, list[raw.Rejection]]
         mask = np.uint64((1 << (8 * len(name))) - 1)
         value = np.uint64(int.from_bytes(name.encode(), "little"))
         btag[(btag_len == len(name)) & ((btag_word & mask) == value)] = code
-    checks: list[raw.Check] = []
+    checks: list[row_accounting.Check] = []
     for j, field in enumerate(BEHAVIOR_COLUMNS[:2]):
         checks.append((valid[:, j] & present[:, j], "not_an_integer", field, _describe_int(data, starts, ends, j)))
         checks.append((_in_key_range(ints[:, j]), "out_of_range", field, _describe_range(ints, j)))
@@ -298,10 +214,11 @@ def _parse_behaviors(block: raw.Block) -> tuple[np.ndarray, list[raw.Rejection]]
         return f"btag must be one of {'/'.join(BTAGS)}, got {_shown(data, starts, ends, row, 2)}"
 
     checks.append((btag >= 0, "bad_btag", "btag", btag_detail))
-    keep, rejections = raw.block_rejections(block, spans, checks, f"{len(BEHAVIOR_COLUMNS)} comma-separated fields")
+    layout = f"{len(BEHAVIOR_COLUMNS)} comma-separated fields"
+    keep, rejections = row_accounting.block_rejections(block, spans, checks, layout)
     starts, ends = starts[keep][:, 3:], spans.ends[keep][:, 3:]
-    ids = fingerprint_spans(("cate_id", "brand"), words, starts, _null_as_missing(words, starts, ends))
-    out = np.empty(int(keep.sum()), _BEHAVIOR)
+    ids = fingerprint_spans(("cate_id", "brand"), words, starts, side_tables.null_as_missing(words, starts, ends))
+    out = np.empty(int(keep.sum()), BEHAVIOR_DTYPE)
     out["user"], out["ts"], out["btag"] = ints[keep, 0], ints[keep, 1], btag[keep]
     out["cate"], out["brand"] = ids[:, 0], ids[:, 1]
     return out, rejections
@@ -346,7 +263,7 @@ def histories(
     """Each impression's last ``max_len`` behaviours strictly before its time.
 
     Args:
-      behaviors: ``_BEHAVIOR`` records sorted by (user, ts) (ties in log order).
+      behaviors: ``BEHAVIOR_DTYPE`` records sorted by (user, ts) (ties in log order).
       users, times: ``[m]`` the impressions' user and time.
       max_len: L.
 
@@ -365,7 +282,7 @@ def histories(
 
 def _joined_rows(
     paths: dict[str, str],
-    accounting: raw.RowAccounting,
+    accounting: row_accounting.RowAccounting,
     max_len: int,
     partitions: int,
     threads: int,
@@ -373,8 +290,10 @@ def _joined_rows(
     tmp_dir: str | None,
     chunk_rows: int = 65_536,
 ) -> Iterator[rows_lib.Rows]:
-    ads = _load_table(paths["ad_feature"], AD_COLUMNS, AD_FEATURES, accounting, "ad_feature", threads, price_column=5)
-    users = _load_table(paths["user_profile"], USER_COLUMNS, PROFILE_FEATURES, accounting, "user_profile", threads)
+    ads = side_tables.load(paths["ad_feature"], AD_COLUMNS, AD_FEATURES, accounting, "ad_feature", threads,
+                           price_column=5)  # fmt: skip
+    users = side_tables.load(paths["user_profile"], USER_COLUMNS, PROFILE_FEATURES, accounting, "user_profile",
+                             threads)  # fmt: skip
     btag_ids = _btag_ids()
     with tempfile.TemporaryDirectory(prefix="taobao-", dir=tmp_dir) as tmp:
         samples = [paths["raw_sample"]]
@@ -391,7 +310,7 @@ def _joined_rows(
         )  # fmt: skip
         for sample_path, behavior_path in zip(sample_parts, behavior_parts):
             impressions = np.fromfile(sample_path, _IMPRESSION)
-            behaviors = np.fromfile(behavior_path, _BEHAVIOR)
+            behaviors = np.fromfile(behavior_path, BEHAVIOR_DTYPE)
             os.remove(sample_path)
             os.remove(behavior_path)
             behaviors = behaviors[np.lexsort((behaviors["ts"], behaviors["user"]))]  # stable: ties keep log order
@@ -401,8 +320,9 @@ def _joined_rows(
 
 
 def _join(
-    imp: np.ndarray, behaviors: np.ndarray, ads: _Table, users: _Table, btag_ids: np.ndarray, max_len: int,
-    accounting: raw.RowAccounting,
+    imp: np.ndarray, behaviors: np.ndarray, ads: side_tables.SideTable, users: side_tables.SideTable,
+    btag_ids: np.ndarray, max_len: int,
+    accounting: row_accounting.RowAccounting,
 ) -> rows_lib.Rows:
     user_row, has_profile = users.find(imp["user"])
     accounting.note("raw_sample: user without a profile (profile features missing)", int((~has_profile).sum()))
@@ -426,132 +346,3 @@ def _join(
         seq_len=length,
         group=imp["user"].copy(),
     )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Synthetic data in the raw layout, with a click signal that lives in the behaviour sequences.
-
-_FIRST_BEHAVIOR_DAY = np.datetime64("2017-04-22")
-_FIRST_SAMPLE_DAY = np.datetime64("2017-05-06")
-
-
-MECHANISMS = ("presence", "cate_share", "brand_recency")
-
-
-def write_synthetic(
-    raw_dir: str,
-    num_users: int = 2_000,
-    impressions_per_user: float = 20.0,
-    seed: int = 0,
-    gzip_files: bool = False,
-    mechanism: str = "presence",
-    ad_prior: float = 0.3,
-) -> None:
-    """Writes the four raw TaobaoAds files into ``raw_dir``, with learnable clicks.
-
-    Users each favour a few categories and behave mostly in them (22 days of behaviours up to 2017-05-13);
-    impressions (8 days, 2017-05-06..13, the last being the test day) show ads of a favourite category 40% of
-    the time. The click logit is a per-user effect (std 0.3) plus a per-ad effect (std ``ad_prior``) plus the
-    sequence signal of ``mechanism``, computed from the user's last 50 behaviours strictly before the
-    impression (a model without sequences only sees the user and ad effects):
-
-    - ``presence``: the ad's category (+1.6), and also its brand (+1.0), appear among them;
-    - ``cate_share``: +5 times the share of them in the ad's category (a count, not a yes/no: what mean-pooled
-      histories see best);
-    - ``brand_recency``: the ad's brand among the last 5 behaviours (+2.2), with a weaker +0.5 for its category
-      among the 50 (order matters: pooling over 50 blurs it).
-
-    Each mechanism's intercept puts the click rate near 10%. 10% of users have no profile, ``pvalue_level`` is
-    often empty, 10% of brands are NULL, and the profile header's last name carries the trailing space of the
-    real file.
-    """
-    if mechanism not in MECHANISMS:
-        raise ValueError(f"write_synthetic: unknown mechanism {mechanism!r}; known: {MECHANISMS}")
-    rng = np.random.default_rng(seed)
-    os.makedirs(raw_dir, exist_ok=True)
-    num_cates, num_brands = 300, 1_000
-    num_ads = max(50, num_users // 2)
-    user_ids = rng.choice(np.arange(1, 20 * num_users + 1), num_users, replace=False)
-    ad_ids = rng.choice(np.arange(1, 20 * num_ads + 1), num_ads, replace=False)
-    ad_cate = np.minimum((num_cates * rng.random(num_ads) ** 2).astype(np.int64), num_cates - 1) + 1
-    brand_of_cate = rng.integers(1, num_brands + 1, (num_cates + 1, 4))
-    ad_brand = brand_of_cate[ad_cate, rng.integers(0, 4, num_ads)]
-    ad_brand_null = rng.random(num_ads) < 0.1
-    favourites = rng.choice(ad_cate, (num_users, 3))  # categories that have ads
-    user_effect = rng.normal(0, 0.3, num_users)
-    ad_effect = rng.normal(0, ad_prior, num_ads)
-
-    # Behaviours: mostly in favourite categories, uniformly over 22 days (unix seconds, UTC+8 days).
-    per_user = rng.poisson(60, num_users)
-    b_user = np.repeat(np.arange(num_users), per_user)
-    n_b = len(b_user)
-    b_cate = np.where(rng.random(n_b) < 0.75, favourites[b_user, rng.integers(0, 3, n_b)],
-                      rng.integers(1, num_cates + 1, n_b))  # fmt: skip
-    b_brand = brand_of_cate[b_cate, rng.integers(0, 4, n_b)]
-    b_brand_null = rng.random(n_b) < 0.1
-    b_btag = rng.choice(len(BTAGS), n_b, p=[0.85, 0.07, 0.05, 0.03])
-    b_ts = _unix(_FIRST_BEHAVIOR_DAY) + rng.integers(0, 22 * 86_400, n_b)
-
-    # Impressions over the last 8 days.
-    per_user_imp = rng.poisson(impressions_per_user, num_users)
-    i_user = np.repeat(np.arange(num_users), per_user_imp)
-    n_i = len(i_user)
-    i_ts = _unix(_FIRST_SAMPLE_DAY) + rng.integers(0, 8 * 86_400, n_i)
-    ads_by_cate = {c: np.flatnonzero(ad_cate == c) for c in np.unique(ad_cate)}
-    i_ad = rng.integers(0, num_ads, n_i)
-    liked = rng.random(n_i) < 0.4
-    for i in np.flatnonzero(liked):
-        i_ad[i] = rng.choice(ads_by_cate[favourites[i_user[i], rng.integers(0, 3)]])
-
-    # The signal: the ad's cate / brand among the last 50 behaviours strictly before the impression.
-    order = np.lexsort((b_ts, b_user))
-    sorted_b = np.zeros(n_b, _BEHAVIOR)
-    sorted_b["user"], sorted_b["ts"] = b_user[order], b_ts[order]
-    index, length = histories(sorted_b, i_user, i_ts, MAX_LEN)
-    real = rows_lib.sequence_mask(length, MAX_LEN)  # most recent last
-    cate_match = (b_cate[order][index] == ad_cate[i_ad][:, None]) & real
-    brand_match = ((b_brand[order][index] == ad_brand[i_ad][:, None]) & ~b_brand_null[order][index] & real
-                   & ~ad_brand_null[i_ad][:, None])  # fmt: skip
-    if mechanism == "presence":
-        signal = -2.6 + 1.6 * cate_match.any(axis=1) + 1.0 * brand_match.any(axis=1)
-    elif mechanism == "cate_share":
-        signal = -2.9 + 5.0 * cate_match.sum(axis=1) / np.maximum(length, 1)
-    else:
-        signal = -2.7 + 2.2 * brand_match[:, -5:].any(axis=1) + 0.5 * cate_match.any(axis=1)
-    logit = signal + user_effect[i_user] + ad_effect[i_ad]
-    clk = (rng.random(n_i) < 1 / (1 + np.exp(-logit))).astype(np.int64)
-
-    def brand_text(brand: np.ndarray, null: np.ndarray) -> list[str]:
-        return ["NULL" if n else str(b) for b, n in zip(brand.tolist(), null.tolist())]
-
-    sample = zip(user_ids[i_user].tolist(), i_ts.tolist(), ad_ids[i_ad].tolist(),
-                 [f"430548_100{p}" for p in rng.integers(7, 9, n_i).tolist()], (1 - clk).tolist(), clk.tolist())
-    _write_csv(raw_dir, "raw_sample", SAMPLE_COLUMNS, sample, gzip_files)
-    price = np.round(np.exp(rng.normal(4, 1, num_ads)), 2)
-    ads = zip(ad_ids.tolist(), ad_cate.tolist(), rng.integers(1, 10 * num_ads, num_ads).tolist(),
-              rng.integers(1, 5 * num_ads, num_ads).tolist(), brand_text(ad_brand, ad_brand_null), price.tolist())
-    _write_csv(raw_dir, "ad_feature", AD_COLUMNS, ads, gzip_files)
-    with_profile = np.flatnonzero(rng.random(num_users) >= 0.1)
-    profile = rng.integers(0, 4, (len(with_profile), len(PROFILE_FEATURES)))
-    known = (rng.random(len(with_profile)) < 0.5).tolist()
-    pvalue = [str(v) if keep else "" for v, keep in zip(profile[:, 4].tolist(), known)]
-    users = [(u, *p[:4], pv, *p[5:]) for u, p, pv in zip(user_ids[with_profile].tolist(), profile.tolist(), pvalue)]
-    _write_csv(raw_dir, "user_profile", USER_COLUMNS[:-1] + (USER_COLUMNS[-1] + " ",), users, gzip_files)
-    shuffled = rng.permutation(n_b)  # the real log is not sorted
-    behaviors = zip(user_ids[b_user[shuffled]].tolist(), b_ts[shuffled].tolist(),
-                    [BTAGS[t] for t in b_btag[shuffled].tolist()], b_cate[shuffled].tolist(),
-                    brand_text(b_brand[shuffled], b_brand_null[shuffled]))  # fmt: skip
-    _write_csv(raw_dir, "behavior_log", BEHAVIOR_COLUMNS, behaviors, gzip_files)
-
-
-def _unix(day: np.datetime64) -> int:
-    """Unix seconds of 00:00 China time (UTC+8) on ``day``."""
-    return int(day.astype("datetime64[s]").astype(np.int64)) - _UTC8
-
-
-def _write_csv(raw_dir: str, name: str, header: tuple[str, ...], rows, gzip_file: bool) -> None:
-    path = os.path.join(raw_dir, name + ".csv" + (".gz" if gzip_file else ""))
-    opener = gzip.open if gzip_file else open
-    with opener(path, "wt", encoding="ascii") as out:
-        out.write(",".join(header) + "\n")
-        out.write("".join(",".join(map(str, row)) + "\n" for row in rows))

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ctr import tf_import
 from ctr.data import schema as schema_lib
 from ctr.data.fingerprint import fingerprint_strings
 
@@ -50,7 +51,7 @@ def index(kept: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 def index_tf(kept: np.ndarray, ids: Any) -> Any:
     """TensorFlow twin of :func:`index` (a static hash table from fingerprint to position), for serving."""
-    import tensorflow as tf  # only serving needs TF here
+    tf = tf_import.tensorflow()  # only serving needs TF here
 
     keys = tf.constant(kept, tf.int64)
     positions = tf.range(len(kept), dtype=tf.int64)
@@ -128,7 +129,7 @@ class Vocabulary:
 
     def apply_tf(self, name: str, ids: Any) -> Any:
         """TensorFlow twin of :meth:`apply` for the exported model (a static hash table per vocabulary)."""
-        import tensorflow as tf  # only serving needs TF here
+        tf = tf_import.tensorflow()  # only serving needs TF here
 
         kept = tf.constant(self.kept[name], tf.int64)
         table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(kept, kept), self.oov_id(name))

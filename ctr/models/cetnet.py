@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from ctr.models import registry
-from ctr.models.inputs import ModelInputs
+from ctr.model_io import ModelInputs
 
 
 def confidence(logits: jax.Array) -> jax.Array:
@@ -98,8 +98,8 @@ class CETNet(nn.Module):
         for name, model_name in self.towers:
             tower_inputs = inputs.towers[name] if inputs.towers is not None else inputs
             with gin.config_scope(name):
-                out = registry.get(model_name)(dtype=self.dtype, name=name)(tower_inputs, train=train)
-            tower_logits[name] = (out["logits"] if isinstance(out, dict) else out).astype(jnp.float32)
+                tower = registry.get(model_name)(dtype=self.dtype, name=name)
+                tower_logits[name] = tower.logits(tower(tower_inputs, train=train)).astype(jnp.float32)
         stacked = jnp.stack([tower_logits[n] for n in names], axis=-1)
         if self.learn_temperature:
             log_t = self.param("log_temperature", nn.initializers.constant(jnp.log(self.temperature)), ())
@@ -108,6 +108,10 @@ class CETNet(nn.Module):
             temperature = self.temperature
         fused, weights = fuse(stacked, temperature, self.fusion, self.detach_confidence)
         return {"logits": fused, "tower_logits": tower_logits, "weights": weights}
+
+    def logits(self, outputs: dict[str, Any]) -> jax.Array:
+        """The fused ``[B]`` logits (what evaluation scores)."""
+        return outputs["logits"]
 
     def loss(self, outputs: dict[str, Any], labels: jax.Array) -> jax.Array:
         """Mean over the batch of ``BCE(fused) + sum_i BCE(tower_i) + lambda * sum_i BCE(tower_i, sg(fused))``.

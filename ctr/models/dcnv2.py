@@ -1,7 +1,7 @@
 """DCNv2 (Wang et al. 2021, arXiv 2008.13535): explicit cross layers plus an MLP, stacked or parallel."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import gin
@@ -9,13 +9,20 @@ import jax
 import jax.numpy as jnp
 
 from ctr.models import registry
-from ctr.models.inputs import ModelInputs
-from ctr.models.layers import MLP, CrossLayer, MixtureCrossLayer, activation_fn, flat_features
+from ctr.model_io import ModelInputs
+from ctr.models.heads import FeatureModel, logits_from
+from ctr.models.layers import (
+    MLP,
+    CrossLayer,
+    MixtureCrossLayer,
+    activation_fn,
+    flat_features,
+)
 
 
 @registry.register("dcnv2")
 @gin.configurable
-class DCNv2(nn.Module):
+class DCNv2(FeatureModel):
     """DCNv2 over the concatenated embeddings and dense features: ``[B, ...] -> logits [B]``.
 
     Attributes:
@@ -35,10 +42,6 @@ class DCNv2(nn.Module):
     num_experts: int = 1
     mlp: Sequence[int] = (400, 400, 400)
     structure: str = "stacked"
-    activation: str = "relu"
-    dropout: float = 0.0
-    pool_sequences: bool = True
-    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, inputs: ModelInputs, *, train: bool = False) -> jax.Array:
@@ -61,4 +64,4 @@ class DCNv2(nn.Module):
             h = deep(x, train=train)
         else:
             h = jnp.concatenate([x, deep(x0, train=train)], axis=-1)
-        return nn.Dense(1, dtype=dtype, name="logit")(h)[..., 0].astype(jnp.float32)
+        return logits_from(nn.Dense(1, dtype=dtype, name="logit")(h))

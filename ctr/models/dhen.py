@@ -2,7 +2,7 @@
 
 Each layer runs several interaction modules side by side on the same tokens, ensembles their outputs and adds a
 shortcut: ``X_{l+1} = LayerNorm(Ensemble_i(Interaction_i(X_l)) + X_l)``. Stacking layers builds interactions of
-interactions (the hierarchy). :class:`DHEN` works on a token representation ``[B, T, D]`` and keeps its shape, so
+interactions (the hierarchy). :class:`DHENStack` works on a token representation ``[B, T, D]`` and keeps its shape, so
 InterFormer uses it as its interaction module; :class:`DHENModel` is the stand-alone CTR model.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from ctr.models import registry
-from ctr.models.inputs import ModelInputs
+from ctr.model_io import ModelInputs
+from ctr.models.heads import FeatureModel, mlp_logits
 from ctr.models.layers import (
-    MLP,
     CrossLayer,
     FeatureTokens,
     MultiHeadAttention,
@@ -97,12 +97,12 @@ class DHENLayer(nn.Module):
         elif self.ensemble == "sum":
             mixed = sum(outputs)
         else:
-            raise ValueError(f"DHEN ensemble must be 'concat' or 'sum', got {self.ensemble!r}")
+            raise ValueError(f"DHENStack.ensemble must be 'concat' or 'sum', got {self.ensemble!r}")
         return nn.LayerNorm(dtype=self.dtype, name="norm")(mixed + x)
 
 
 @gin.configurable
-class DHEN(nn.Module):
+class DHENStack(nn.Module):
     """A stack of :class:`DHENLayer`: ``[B, T, D] -> [B, T, D]``. Gin-configurable, so the same bindings shape the
     stand-alone model and InterFormer's interaction arch (use gin scopes to tell them apart).
 
@@ -132,12 +132,12 @@ class DHEN(nn.Module):
 
 @registry.register("dhen")
 @gin.configurable
-class DHENModel(nn.Module):
-    """DHEN as a CTR model: feature tokens -> :class:`DHEN` -> flattened -> MLP head -> logits ``[B]``.
+class DHENModel(FeatureModel):
+    """DHEN as a CTR model: feature tokens -> :class:`DHENStack` -> flattened -> MLP head -> logits ``[B]``.
 
     Attributes:
       dim: token width (embeddings of another width are projected).
-      num_layers: DHEN layers (the rest of the stack is bound on :class:`DHEN`).
+      num_layers: DHEN layers (the rest of the stack is bound on :class:`DHENStack`).
       head: hidden widths of the head MLP.
       activation: head activation name.
       dropout: head dropout.
@@ -145,19 +145,16 @@ class DHENModel(nn.Module):
       token_norm: layer-normalise the feature tokens (see ``FeatureTokens.normalize``).
       aligned_init: start the projections of embeddings narrower or wider than ``dim`` as ``width_map`` (see
         ``FeatureTokens.aligned_projections``), so an item and its pooled history start as comparable tokens
-        (synthetic TaobaoAds, second data seed: test AUC 0.7385, against 0.7295 with random maps).
+        (higher test AUC than random maps on synthetic TaobaoAds: benchmarks/RESULTS.md, "Models on synthetic
+        TaobaoAds").
       dtype: compute dtype (``"bfloat16"`` for mixed precision; parameters stay float32).
     """
 
     dim: int = 16
     num_layers: int = 2
     head: Sequence[int] = (512, 256)
-    activation: str = "relu"
-    dropout: float = 0.0
-    pool_sequences: bool = True
     token_norm: bool = True
     aligned_init: bool = True
-    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, inputs: ModelInputs, *, train: bool = False) -> jax.Array:
@@ -167,6 +164,6 @@ class DHENModel(nn.Module):
             self.dim, pool_sequences=self.pool_sequences, aligned_projections=self.aligned_init,
             normalize=self.token_norm, dtype=dtype, name="tokens",
         )(inputs)
-        x = DHEN(num_layers=self.num_layers, dtype=dtype, name="dhen")(tokens)
-        head = MLP((*self.head, 1), act, dropout=self.dropout, activate_last=False, dtype=dtype, name="head")
-        return head(x.reshape(x.shape[0], -1), train=train)[..., 0].astype(jnp.float32)
+        x = DHENStack(num_layers=self.num_layers, dtype=dtype, name="dhen")(tokens)
+        return mlp_logits(x.reshape(x.shape[0], -1), self.head, act, dropout=self.dropout, dtype=dtype, name="head",
+                          train=train)  # fmt: skip

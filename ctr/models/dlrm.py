@@ -1,7 +1,7 @@
 """DLRM (Naumov et al. 2019, arXiv 1906.00091): bottom MLP, pairwise dot interaction, top MLP."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import gin
@@ -9,13 +9,14 @@ import jax
 import jax.numpy as jnp
 
 from ctr.models import registry
-from ctr.models.inputs import ModelInputs
-from ctr.models.layers import MLP, FeatureTokens, activation_fn, pairwise_dots
+from ctr.model_io import ModelInputs
+from ctr.models.heads import FeatureModel, mlp_logits
+from ctr.models.layers import FeatureTokens, activation_fn, pairwise_dots
 
 
 @registry.register("dlrm")
 @gin.configurable
-class DLRM(nn.Module):
+class DLRM(FeatureModel):
     """DLRM: ``logit = top_mlp([bottom_mlp(dense) || <e_i, e_j> for i < j])``.
 
     The dense features go through the bottom MLP to one vector of width ``dim``; it and the categorical
@@ -35,10 +36,6 @@ class DLRM(nn.Module):
     dim: int = 16
     bottom_mlp: Sequence[int] = (512, 256)
     top_mlp: Sequence[int] = (512, 256)
-    activation: str = "relu"
-    dropout: float = 0.0
-    pool_sequences: bool = True
-    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, inputs: ModelInputs, *, train: bool = False) -> jax.Array:
@@ -50,5 +47,5 @@ class DLRM(nn.Module):
         parts = [pairwise_dots(tokens)]
         if inputs.dense is not None:
             parts.insert(0, tokens[:, 0])  # the bottom MLP's output is token 0
-        top = MLP((*self.top_mlp, 1), act, dropout=self.dropout, activate_last=False, dtype=dtype, name="top_mlp")
-        return top(jnp.concatenate(parts, axis=-1), train=train)[..., 0].astype(jnp.float32)
+        return mlp_logits(jnp.concatenate(parts, axis=-1), self.top_mlp, act, dropout=self.dropout, dtype=dtype,
+                          name="top_mlp", train=train)  # fmt: skip

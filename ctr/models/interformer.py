@@ -42,10 +42,10 @@ import jax
 import jax.numpy as jnp
 
 from ctr.models import registry
-from ctr.models.dhen import DHEN
-from ctr.models.inputs import ModelInputs
+from ctr.models.dhen import DHENStack
+from ctr.model_io import BinaryLogits, ModelInputs
+from ctr.models.heads import mlp_logits
 from ctr.models.layers import (
-    MLP,
     Activation,
     FeatureTokens,
     MultiHeadAttention,
@@ -94,7 +94,7 @@ class SequenceMaskNet(nn.Module):
     that ``FeatureTokens(aligned_projections=True)`` starts the item features with: an event token starts in
     the space of the item tokens (``cate_his`` shares ``cate_id``'s table). With random maps instead
     (``InterFormer.aligned_init=False``), InterFormer with 16-wide embeddings and 32-wide tokens never left the
-    base rate on synthetic TaobaoAds (test AUC 0.519, against 0.722 with these maps; benchmarks/RESULTS.md).
+    base rate on synthetic TaobaoAds, while these maps train (benchmarks/RESULTS.md, "Models on synthetic TaobaoAds").
 
     Attributes:
       dim: output width ``d``.
@@ -190,7 +190,7 @@ class SequenceSummary(nn.Module):
 
 
 class InteractionArch(nn.Module):
-    """``X' = LayerNorm(X + LCE(DHEN([X || S_sum])))``: ``[B, n, d]`` (+ ``[B, m, d]``) ``-> [B, n, d]``.
+    """``X' = LayerNorm(X + LCE(DHENStack([X || S_sum])))``: ``[B, n, d]`` (+ ``[B, m, d]``) ``-> [B, n, d]``.
 
     The linear compression (LCE) maps the ``n + m`` interacted tokens back to ``n`` over the token axis.
     """
@@ -202,7 +202,7 @@ class InteractionArch(nn.Module):
     def __call__(self, x: jax.Array, s_sum: jax.Array | None) -> jax.Array:
         n = x.shape[1]
         tokens = x if s_sum is None else jnp.concatenate([x, s_sum], axis=1)
-        tokens = DHEN(num_layers=self.dhen_layers, dtype=self.dtype, name="dhen")(tokens)
+        tokens = DHENStack(num_layers=self.dhen_layers, dtype=self.dtype, name="dhen")(tokens)
         lce = self.param("lce", nn.initializers.lecun_normal(), (tokens.shape[1], n))
         mixed = jnp.einsum("btd,tn->bnd", tokens, lce.astype(self.dtype))
         return nn.LayerNorm(dtype=self.dtype, name="norm")(x + mixed)
@@ -230,7 +230,7 @@ class SequenceArch(nn.Module):
 
 @registry.register("interformer")
 @gin.configurable
-class InterFormer(nn.Module):
+class InterFormer(BinaryLogits, nn.Module):
     """InterFormer: ``ModelInputs -> logits [B]`` (see the module docstring for the architecture).
 
     Attributes:
@@ -240,20 +240,20 @@ class InterFormer(nn.Module):
       num_cls: CLS tokens = non-sequence summary tokens ``C`` (paper: 4).
       num_pma: PMA tokens ``P`` (paper: 2; 0 removes them).
       num_recent: most recent event tokens ``K`` (paper: 2; 0 removes them).
-      dhen_layers: DHEN layers inside each block's interaction arch (the rest is bound on ``DHEN``).
+      dhen_layers: DHEN layers inside each block's interaction arch (the rest is bound on ``DHENStack``).
       gating: ``"glu"`` (``X * sigmoid(MLP(X))``, default) or ``"paper"`` (``sigmoid(X * MLP(X))``, the paper's
         equation, which did not train on our synthetic TaobaoAds data), see ``SelfGating``.
       gate_hidden: hidden widths of the gating MLPs.
       head: hidden widths of the head MLP (paper: 1024, 512, 256, 128).
       target_attention: add ``n`` target tokens to the sequence summary, each non-sequence token attending over
-        the events (see ``SequenceSummary``; an addition to the paper). At init a linear probe for a
-        sequence-only click rule finds AUC 0.91 after the first interaction arch with it, 0.72 without; on
-        synthetic TaobaoAds it raised test AUC from 0.641 to 0.655 (benchmarks/RESULTS.md, issue 10).
+        the events (see ``SequenceSummary``; an addition to the paper). It makes a sequence-only click rule
+        linearly readable after the first interaction arch at init, and raised test AUC on synthetic TaobaoAds
+        (benchmarks/RESULTS.md, "InterFormer learning from behaviour sequences").
       head_gain_init: start the head's hidden layers with the activation's gain (``MLP.gain_init``). At LeCun
         init the paper's four swish layers shrink the signal and the tables' gradients start ~20x smaller than
-        DHEN's. Alone it did not make InterFormer train (synthetic TaobaoAds, test AUC 0.515); with the other
-        fixes of issue 10 it was neutral without target attention (0.641 / 0.638) and, with it, the run without
-        it diverged for a while and ended at 0.509 against 0.655 (one seed each; benchmarks/RESULTS.md).
+        DHEN's. Alone it did not make InterFormer train; with the other fixes of issue 10 it was neutral without
+        target attention and needed with it (one seed each: benchmarks/RESULTS.md, "InterFormer learning from
+        behaviour sequences").
       activation: activation name (paper: swish).
       dropout: head dropout.
       token_norm: layer-normalise the feature tokens (see ``FeatureTokens.normalize``).
@@ -261,8 +261,9 @@ class InterFormer(nn.Module):
         merged, as ``token_norm`` does for the feature tokens. Without it, a sequence whose rows grow fastest
         swamps the merged events: under SparseAdagrad the few ``btag`` rows, read by every event, grow ~4x in 5
         steps while the ``cate`` rows barely move, every event becomes one ``btag`` direction, and the match of
-        the ad's category with the history is lost (a linear probe at the head's input drops from AUC 0.62 to
-        0.50; InterFormer stayed at the base rate on synthetic TaobaoAds; benchmarks/RESULTS.md, issue 10).
+        the ad's category with the history is lost (a linear probe at the head's input falls to chance, and
+        InterFormer stayed at the base rate on synthetic TaobaoAds: benchmarks/RESULTS.md, "InterFormer learning
+        from behaviour sequences").
       aligned_init: start the item features' projections and the merged events' map with ``width_map``, so
         that the target item and the events start in one token space when the embeddings are not ``dim`` wide
         (see ``SequenceMaskNet``); False starts both random.
@@ -336,8 +337,5 @@ class InterFormer(nn.Module):
         summary = x_sum.reshape(x_sum.shape[0], -1)
         if s_sum is not None:
             summary = jnp.concatenate([summary, s_sum.reshape(s_sum.shape[0], -1)], axis=-1)
-        head = MLP(
-            (*self.head, 1), act, dropout=self.dropout, activate_last=False, gain_init=self.head_gain_init,
-            dtype=dtype, name="head",
-        )
-        return head(summary, train=train)[..., 0].astype(jnp.float32)
+        return mlp_logits(summary, self.head, act, dropout=self.dropout, dtype=dtype, name="head", train=train,
+                          gain_init=self.head_gain_init)  # fmt: skip

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ctr.models.inputs import ModelInputs
+from ctr.model_io import ModelInputs
 
 Activation = Callable[[jax.Array], jax.Array]
 
@@ -196,8 +196,8 @@ class FeatureTokens(nn.Module):
         needs it to compare the target item with the events (see ``InterFormer``).
       normalize: layer-normalise every token (one shared scale and bias). Embeddings start at ~0.05 while a
         dense token (e.g. TaobaoAds' log price, ~4) starts ~100x larger; without it, models whose layers mix
-        tokens learn mostly from the dense token (DHEN on synthetic TaobaoAds: test AUC 0.600 without, 0.679
-        with; benchmarks/RESULTS.md).
+        tokens learn mostly from the dense token (DHEN on synthetic TaobaoAds trains far worse without it:
+        benchmarks/RESULTS.md, "Models on synthetic TaobaoAds").
       dtype: compute dtype.
     """
 
@@ -353,9 +353,9 @@ class SelfGating(nn.Module):
     bias starts at one, so the gate starts as ``sigmoid(X + ...)``, monotone in ``X``: with a zero bias it would
     start as ``sigmoid`` of products of features, which loses their signs, and in our runs InterFormer then did not
     learn to match a target item against its history at all. Even with that bias, on synthetic TaobaoAds (15
-    features, 3 sequences) an InterFormer with the paper's form stays at the base rate (test AUC 0.505 after 600
-    steps), while ``form="glu"``, the usual gated unit ``X * sigmoid(MLP(X))``, which keeps the sign and scale
-    of ``X``, reaches 0.678 (benchmarks/RESULTS.md): InterFormer defaults to ``"glu"``.
+    features, 3 sequences) an InterFormer with the paper's form stays at the base rate, while ``form="glu"``, the
+    usual gated unit ``X * sigmoid(MLP(X))``, which keeps the sign and scale of ``X``, trains
+    (benchmarks/RESULTS.md, "Models on synthetic TaobaoAds"): InterFormer defaults to ``"glu"``.
 
     Attributes:
       form: ``"paper"`` or ``"glu"``.

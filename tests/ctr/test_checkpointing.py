@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ctr import checkpointing, train as train_cli, trainer
+from ctr import checkpointing, train as train_cli, train_state, trainer
 
 
 def _mesh(data, model):
@@ -25,7 +25,7 @@ def _state(mesh):
     rep = NamedSharding(mesh, P())
     rng = np.random.default_rng(0)
     table = jax.device_put(rng.normal(size=(64, 4)).astype(np.float32), rows)
-    return trainer.TrainState(
+    return train_state.TrainState(
         step=jax.device_put(jnp.int32(17), rep),
         params={"w": jax.device_put(rng.normal(size=(5, 3)).astype(np.float32), rep)},
         opt_state=({"mu": jax.device_put(np.ones((5, 3), np.float32), rep)},),

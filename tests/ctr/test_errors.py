@@ -7,16 +7,12 @@ import gin
 import pytest
 
 from ctr import errors, prepare, train as train_cli
-from ctr.data import criteo
+from ctr.data import shard_writer, synthetic
 
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny.gin")
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures("clean_gin")
 
 
 def _one_error_line(capsys, command):
@@ -55,6 +51,20 @@ TRAIN_CASES = [
     (["train.dataset_fn = @prepared"], None,
      "configuration error: Required bindings for `prepared` not provided in config: ['data_dir']"),
     (["train.batch_size = 8192"], None, "train.batch_size = 8192 is larger than the train split of criteo (4800 rows)"),
+    (['logical_rules.table_rows = ("data", "model")', "build_collection.row_alignment = 3"], None,
+     "rows, which do not divide over the 8 devices of logical_rules.table_rows = ('data', 'model'): raise "
+     "build_collection.row_alignment"),
+    (['logical_rules.table_rows = ("modle",)'], None,
+     "logical_rules.table_rows = ('modle',): expected distinct axes of the mesh ('data', 'model')"),
+    # CETNet's tower names key the per-tower collections: a mismatch fails before anything is traced.
+    (['train.model_name = "cetnet"', "train.embedding_fn = @tower_collections",
+      'tower_collections.towers = {{"interformer": @interformer/per_feature_tables, "dhn": @dhen/per_feature_tables}}'],
+     None, "tower_collections.towers has collections for ['dhn', 'interformer'] but CETNet.towers names "
+           "['dhen', 'interformer']"),
+    (["train.embedding_fn = @tower_collections", 'tower_collections.towers = {{"a": @per_feature_tables}}'], None,
+     "per-tower collections (['a']), which only an ensemble reads; train.model_name = 'dcnv2' is not one"),
+    (['train.model_name = "cetnet"', 'CETNet.towers = (("a/b", "dhen"),)'], None,
+     "CETNet.towers: tower name 'a/b' must be a non-empty string without '/'"),
 ]  # fmt: skip
 
 
@@ -105,18 +115,18 @@ def raws(tmp_path_factory):
     def days(name, numbers, rows=60):
         os.makedirs(root / name)
         for d in numbers:
-            criteo.write_synthetic(str(root / name / f"day_{d}"), rows, seed=d)
+            synthetic.criteo.write_synthetic(str(root / name / f"day_{d}"), rows, seed=d)
 
     days("days", [0, 1, 2])
     days("one_day", [0])
     days("gap", [0, 2], rows=10)
     os.makedirs(root / "kaggle")
-    criteo.write_synthetic(str(root / "kaggle" / "train.txt"), 300, seed=1)
+    synthetic.criteo.write_synthetic(str(root / "kaggle" / "train.txt"), 300, seed=1)
     os.makedirs(root / "two_encodings")
-    criteo.write_synthetic(str(root / "two_encodings" / "train.txt"), 300, seed=1)
-    criteo.write_synthetic(str(root / "two_encodings" / "train.txt.gz"), 300, seed=1)
+    synthetic.criteo.write_synthetic(str(root / "two_encodings" / "train.txt"), 300, seed=1)
+    synthetic.criteo.write_synthetic(str(root / "two_encodings" / "train.txt.gz"), 300, seed=1)
     days("kaggle_and_days", [0], rows=10)
-    criteo.write_synthetic(str(root / "kaggle_and_days" / "train.txt"), 10, seed=1)
+    synthetic.criteo.write_synthetic(str(root / "kaggle_and_days" / "train.txt"), 10, seed=1)
     lines = (root / "kaggle" / "train.txt").read_text().splitlines()
     os.makedirs(root / "bad_label")
     (root / "bad_label" / "train.txt").write_text("\n".join(lines[:10] + ["7" + lines[10][1:]] + lines[11:]) + "\n")
@@ -125,7 +135,7 @@ def raws(tmp_path_factory):
     fields[1] = "\0" * 16000  # I1: a block of NULs
     (root / "nul_field" / "train.txt").write_text("\n".join(lines[:3] + ["\t".join(fields)] + lines[4:]) + "\n")
     os.makedirs(root / "torn_gzip")
-    criteo.write_synthetic(str(root / "torn_gzip" / "train.txt.gz"), 3000, seed=1)
+    synthetic.criteo.write_synthetic(str(root / "torn_gzip" / "train.txt.gz"), 3000, seed=1)
     os.truncate(root / "torn_gzip" / "train.txt.gz", os.path.getsize(root / "torn_gzip" / "train.txt.gz") // 2)
     os.makedirs(root / "empty_file")
     (root / "empty_file" / "train.txt").write_bytes(b"")
@@ -200,13 +210,13 @@ def test_prepare_output_that_cannot_be_written(raws, tmp_path, capsys):
 def test_prepare_full_disk_names_the_directory_and_leaves_nothing(raws, tmp_path, capsys, monkeypatch):
     """numpy's only words for a full disk are "N requested and 0 written"; the line names the disk and where."""
 
-    class FullBucket(prepare._Bucket):
+    class FullBucket(shard_writer.Bucket):
         def __init__(self, path):
             super().__init__(path)
             self.file.close()
             self.file = open("/dev/full", "wb")
 
-    monkeypatch.setattr(prepare, "_Bucket", FullBucket)
+    monkeypatch.setattr(shard_writer, "Bucket", FullBucket)
     out = tmp_path / "out"
     out.mkdir()  # an existing empty directory stays, empty
     assert _prepare(raws, "days", out) == errors.EXIT_USER
@@ -244,7 +254,7 @@ def test_prepare_unexpected_error_keeps_its_traceback_and_leaves_nothing(raws, t
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(prepare, "_apply_vocab", broken)
+    monkeypatch.setattr(shard_writer, "apply_vocab", broken)
     out = tmp_path / "out"
     with pytest.raises(ZeroDivisionError, match="a bug"):  # not turned into a one-line exit 2
         _prepare(raws, "days", out, "--gin_param=criteo.Processing.min_count = 2")

@@ -48,10 +48,10 @@ def _env(devices, capture=None):
 
 @pytest.fixture(scope="module")
 def prepared_dir(tmp_path_factory):
-    from ctr.data import taobao
+    from ctr.data import synthetic
 
     root = tmp_path_factory.mktemp("taobao")
-    taobao.write_synthetic(str(root / "raw"), num_users=250, seed=5)
+    synthetic.taobao.write_synthetic(str(root / "raw"), num_users=250, seed=5)
     done = subprocess.run(
         [sys.executable, "-m", "ctr.prepare", "--dataset=taobao", f"--raw_dir={root / 'raw'}",
          f"--out_dir={root / 'prepared'}", f"--gin_file={REPO}/configs/taobao_data.gin", "--shard_mib=1"],

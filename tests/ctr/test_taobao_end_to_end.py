@@ -20,7 +20,7 @@ import pytest
 
 import ctr
 from ctr import metrics, train as train_cli, trainer
-from ctr.data import taobao
+from ctr.data import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(ctr.__file__)))
 STEPS = 8
@@ -28,7 +28,7 @@ CONFIG = [
     "train.batch_size = 256", "train.eval_batch_size = 512", f"train.num_steps = {STEPS}", "train.log_every = 2",
     "train.progress = False", 'train.final_eval_splits = ("test",)', "Checkpointer.every_steps = 4",
     "build_collection.default_dim = 8", "InterFormer.dim = 8", "InterFormer.num_layers = 1",
-    "InterFormer.head = (16,)", "DHEN.dcn_rank = 4", "dense_optimizer.learning_rate = 0.01",
+    "InterFormer.head = (16,)", "DHENStack.dcn_rank = 4", "dense_optimizer.learning_rate = 0.01",
     # Tables over the 2 "model" devices (4 replicas each), read and updated through the all-to-all route.
     "make_mesh.model = 2", 'logical_rules.table_rows = ("model",)', 'LookupOptions.path = "shard_map"',
 ]
@@ -39,7 +39,7 @@ def data(tmp_path_factory):
     """(raw dir, prepared dir): 250 synthetic users, prepared by the command-line tool."""
     root = tmp_path_factory.mktemp("taobao")
     raw_dir, out_dir = root / "raw", root / "prepared"
-    taobao.write_synthetic(str(raw_dir), num_users=250, seed=4)
+    synthetic.taobao.write_synthetic(str(raw_dir), num_users=250, seed=4)
     env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     done = subprocess.run(
         [sys.executable, "-m", "ctr.prepare", "--dataset=taobao", f"--raw_dir={raw_dir}", f"--out_dir={out_dir}",

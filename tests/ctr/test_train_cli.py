@@ -17,11 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(ctr.__file__)))
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny.gin")
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures("clean_gin")
 
 
 @pytest.mark.parametrize(

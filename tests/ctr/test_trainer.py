@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from ctr import checkpointing, train as train_cli, trainer
+from ctr import checkpointing, run_writer, train as train_cli, trainer
 from ctr.data import dataset as dataset_lib
+from ctr.data.synthetic import datasets as synthetic_datasets
 
 TINY = os.path.join(os.path.dirname(__file__), "tiny.gin")
 
@@ -52,7 +53,7 @@ def test_run_writes_results_metrics_plots_and_tensorboard(tiny, tmp_path):
 def test_run_writer_without_tensorflow_keeps_metrics(tmp_path, monkeypatch, caplog):
     """Accelerator images often lack TF: the run still writes metrics.jsonl, says so, and writes no events."""
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # makes `import tensorflow` fail
-    writer = trainer._RunWriter(str(tmp_path))
+    writer = run_writer.RunWriter(str(tmp_path))
     writer.log(3, {"train/loss": 0.5})
     writer._jsonl.close()
     assert "no TensorBoard events" in caplog.text
@@ -79,7 +80,7 @@ def test_cetnet_towers_train_with_their_own_tables(tiny, tmp_path):
     assert results["num_params"]["embedding"] == rows * 4 + rows * 8  # each tower its own tables
 
 
-class _PoisonedDataset(dataset_lib.Dataset):
+class _PoisonedDataset(dataset_lib.InMemoryDataset):
     """Dense features become NaN from step ``poison_step`` on."""
 
     poison_step = 12
@@ -98,7 +99,7 @@ class _PoisonedDataset(dataset_lib.Dataset):
 )
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tiny, tmp_path, every_steps, kept):
     tiny(f"Checkpointer.every_steps = {every_steps}")
-    clean = dataset_lib.synthetic_criteo()
+    clean = synthetic_datasets.synthetic_criteo()
     poisoned = _PoisonedDataset(clean.schema, clean.splits)
     run_dir = str(tmp_path / "nan")
     with pytest.raises(trainer.TrainingDiverged, match=r"between steps 11 and 15; stopping\. " + kept):
@@ -116,7 +117,7 @@ def test_metrics_of_a_resumed_run_drop_what_it_writes_again(tmp_path):
 
     def resume_at(step):
         path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 25, "train/lo')  # torn last line
-        trainer._RunWriter(str(tmp_path), step, num_steps=20)._jsonl.close()
+        run_writer.RunWriter(str(tmp_path), step, num_steps=20)._jsonl.close()
         return [json.loads(line) for line in open(path)]
 
     assert resume_at(10) == lines[:3]  # the checkpoint at 10 came after its log and evaluation

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ctr.data import avazu, raw
+from ctr.data import avazu, raw, row_accounting, synthetic
 from ctr.data import rows as rows_lib
 from ctr.data.fingerprint import fingerprint
 
@@ -27,7 +27,7 @@ def _write(path, lines, compress=False, header=HEADER):
 
 
 def _read(path, accounting=None):
-    return rows_lib.Rows.concat(list(avazu.read([path], accounting or raw.RowAccounting())))
+    return rows_lib.Rows.concat(list(avazu.read([path], accounting or row_accounting.RowAccounting())))
 
 
 @pytest.mark.parametrize("compress", [False, True])
@@ -85,7 +85,7 @@ def test_bad_row_is_an_error_naming_file_line_field(tmp_path, reason):
 def test_skip_policy_and_truncated_last_line(tmp_path):
     path = tmp_path / "train.csv"
     path.write_bytes(("\n".join([HEADER] + LINES + [BAD["bad_label"][0], LINES[0][:30]])).encode())
-    accounting = raw.RowAccounting(max_bad_rows=2)
+    accounting = row_accounting.RowAccounting(max_bad_rows=2)
     assert len(_read(str(path), accounting)) == 3
     assert accounting.rejected["avazu"] == {"bad_label": 1, "truncated_last_line": 1}
     assert accounting.read_rows["avazu"] == 5
@@ -93,7 +93,7 @@ def test_skip_policy_and_truncated_last_line(tmp_path):
 
 def test_synthetic_file_parses_in_time_order(tmp_path):
     path = str(tmp_path / "train.csv.gz")
-    avazu.write_synthetic(path, 300, seed=3, days=3)
+    synthetic.avazu.write_synthetic(path, 300, seed=3, days=3)
     rows = _read(path)
     assert len(rows) == 300 and rows.day.tolist() == sorted(rows.day.tolist())
     assert set(rows.day.tolist()) == {20141021, 20141022, 20141023}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ctr.data import criteo, raw
+from ctr.data import criteo, raw, row_accounting, synthetic
 from ctr.data import rows as rows_lib
 from ctr.data.fingerprint import fingerprint
 
@@ -54,7 +54,7 @@ def _write(path, lines, compress=False):
 
 
 def _read(paths, accounting=None, **kw):
-    parts = list(criteo.read(paths, accounting or raw.RowAccounting(), **kw))
+    parts = list(criteo.read(paths, accounting or row_accounting.RowAccounting(), **kw))
     return rows_lib.Rows.concat(parts)
 
 
@@ -117,13 +117,13 @@ def test_truncated_last_line(tmp_path):
 def test_skip_policy_counts_every_bad_row(tmp_path):
     lines = LINES + [BAD[r][0] for r in sorted(BAD)] + LINES
     path = _write(tmp_path / "train.txt", lines)
-    accounting = raw.RowAccounting(max_bad_rows=len(BAD))
+    accounting = row_accounting.RowAccounting(max_bad_rows=len(BAD))
     rows = _read([path], accounting)
     assert len(rows) == 2 * len(LINES)
     assert accounting.to_json()["rows_read"] == {"criteo": len(lines)}
     assert accounting.rejected["criteo"] == {"wrong_field_count": 1, "not_an_integer": 1, "bad_label": 2}
     with pytest.raises(criteo.ParseError, match="more than --max_bad_rows=3"):
-        _read([path], raw.RowAccounting(max_bad_rows=len(BAD) - 1))
+        _read([path], row_accounting.RowAccounting(max_bad_rows=len(BAD) - 1))
 
 
 def test_empty_and_missing_files(tmp_path):
@@ -138,16 +138,18 @@ def test_empty_and_missing_files(tmp_path):
 
 def test_day_files_stream_in_order_with_the_days_of_their_names(tmp_path):
     for day in (10, 8, 9):  # listed out of order; day_10 sorts after day_9
-        criteo.write_synthetic(str(tmp_path / f"day_{day}.gz"), 50, seed=day)
-    source = criteo.open_raw(str(tmp_path), raw.RowAccounting(), criteo.Processing(), threads=2)
+        synthetic.criteo.write_synthetic(str(tmp_path / f"day_{day}.gz"), 50, seed=day)
+    source = criteo.open_raw(str(tmp_path), processing=criteo.Processing(),
+                             options=raw.ReadOptions(accounting=row_accounting.RowAccounting(), threads=2))
     rows = rows_lib.Rows.concat(list(source.rows))
     assert rows.day.tolist() == [8] * 50 + [9] * 50 + [10] * 50  # the number in the name, not the position
     assert criteo.input_files(str(tmp_path))[-1].endswith("day_10.gz")
     assert 10 <= source.estimated_rows <= 1000
     one = tmp_path / "one"
     one.mkdir()
-    criteo.write_synthetic(str(one / "day_5"), 20, seed=0)
-    source = criteo.open_raw(str(one), raw.RowAccounting(), criteo.Processing(), time_split=True)
+    synthetic.criteo.write_synthetic(str(one / "day_5"), 20, seed=0)
+    source = criteo.open_raw(str(one), processing=criteo.Processing(),
+                             options=raw.ReadOptions(accounting=row_accounting.RowAccounting(), time_split=True))
     assert set(rows_lib.Rows.concat(list(source.rows)).day.tolist()) == {5}  # one day file is not the Kaggle file
 
 
@@ -177,7 +179,8 @@ def test_raw_files_picks_one_input(tmp_path):
 
 
 def test_kaggle_file_is_split_into_seven_days(tmp_path):
-    criteo.write_synthetic(str(tmp_path / "train.txt"), 70, seed=0)
-    source = criteo.open_raw(str(tmp_path), raw.RowAccounting(), criteo.Processing(), time_split=True)
+    synthetic.criteo.write_synthetic(str(tmp_path / "train.txt"), 70, seed=0)
+    source = criteo.open_raw(str(tmp_path), processing=criteo.Processing(),
+                             options=raw.ReadOptions(accounting=row_accounting.RowAccounting(), time_split=True))
     rows = rows_lib.Rows.concat(list(source.rows))
     assert rows.day.tolist() == sorted([d for d in range(7) for _ in range(10)])

@@ -2,15 +2,16 @@
 import numpy as np
 import pytest
 
-from ctr.data import dataset, schema as schema_lib
+from ctr.data import schema as schema_lib
+from ctr.data.synthetic import datasets as synthetic_datasets
 
 
 @pytest.mark.parametrize(
     "make, kwargs",
     [
-        (dataset.synthetic_criteo, {"num_rows": 2000, "int_buckets": True}),
-        (dataset.synthetic_avazu, {"num_rows": 2000}),
-        (dataset.synthetic_taobao, {"num_users": 120}),
+        (synthetic_datasets.synthetic_criteo, {"num_rows": 2000, "int_buckets": True}),
+        (synthetic_datasets.synthetic_avazu, {"num_rows": 2000}),
+        (synthetic_datasets.synthetic_taobao, {"num_users": 120}),
     ],
 )
 def test_synthetic_datasets_serve_the_trainer_interface(tmp_path, make, kwargs):
@@ -31,7 +32,7 @@ def test_synthetic_datasets_serve_the_trainer_interface(tmp_path, make, kwargs):
 
 
 def test_taobao_batches_carry_sequences_and_groups(tmp_path):
-    data = dataset.synthetic_taobao(data_dir=str(tmp_path), num_users=120, max_len=8)
+    data = synthetic_datasets.synthetic_taobao(data_dir=str(tmp_path), num_users=120, max_len=8)
     batch = next(data.train_batches(32, 0, seed=0))
     assert batch["btag_his"].shape == (32, 8) and batch["btag_his_mask"].shape == (32, 8)
     assert batch[schema_lib.GROUP].dtype == np.int64

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ctr import prepare
-from ctr.data import avazu, criteo, dataset, prepared, raw, splits, taobao, vocab
+from ctr.data import criteo, dataset, prepared, raw, row_accounting, splits, synthetic, taobao, vocab
 from ctr.data import rows as rows_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture(scope="module")
 def criteo_raw(tmp_path_factory):
     raw_dir = tmp_path_factory.mktemp("criteo_raw")
-    criteo.write_synthetic(str(raw_dir / "train.txt"), 3000, seed=5)
+    synthetic.criteo.write_synthetic(str(raw_dir / "train.txt"), 3000, seed=5)
     return str(raw_dir)
 
 
@@ -36,7 +36,7 @@ def _key(batch, schema):
 
 def test_round_trip_every_row_once(criteo_raw, criteo_prepared):
     data = prepared.prepared(criteo_prepared)
-    parts = criteo.read(criteo.input_files(criteo_raw), raw.RowAccounting(), int_buckets=True)
+    parts = criteo.read(criteo.input_files(criteo_raw), row_accounting.RowAccounting(), int_buckets=True)
     reference = rows_lib.Rows.concat(list(parts))
     schema = data.schema
     assert schema == criteo.feature_schema(int_buckets=True)
@@ -100,7 +100,7 @@ def test_matches_in_memory_dataset_order(criteo_prepared):
     # Same rows in the same split, same (seed, step) -> the same examples as the in-memory Dataset gives.
     data = prepared.prepared(criteo_prepared)
     splits_ = {s: next(data.eval_batches(s, data.num_rows(s)))[0] for s in splits.NAMES}
-    memory = dataset.Dataset(data.schema, splits_)
+    memory = dataset.InMemoryDataset(data.schema, splits_)
     got, expected = next(data.train_batches(64, 3, seed=2)), next(memory.train_batches(64, 3, seed=2))
     assert sorted(_key(got, data.schema)) == sorted(_key(expected, data.schema))
 
@@ -134,7 +134,7 @@ def test_vocabulary_maps_rare_values_to_oov(tmp_path, criteo_raw):
 def test_time_split_holds_out_the_last_day(tmp_path):
     raw_dir = tmp_path / "raw"
     raw_dir.mkdir()
-    avazu.write_synthetic(str(raw_dir / "train.csv"), 600, seed=1, days=3)
+    synthetic.avazu.write_synthetic(str(raw_dir / "train.csv"), 600, seed=1, days=3)
     out = str(tmp_path / "out")
     metadata = prepare.prepare("avazu", str(raw_dir), out, splits.SplitSpec("time"), shard_bytes=50_000)
     assert metadata["split"]["test_day"] == 20141023
@@ -144,7 +144,7 @@ def test_time_split_holds_out_the_last_day(tmp_path):
 
 def test_taobao_splits_by_day_with_valid_as_test(tmp_path):
     raw_dir = str(tmp_path / "raw")
-    taobao.write_synthetic(raw_dir, num_users=150, seed=2)
+    synthetic.taobao.write_synthetic(raw_dir, num_users=150, seed=2)
     out = str(tmp_path / "out")
     spec = splits.SplitSpec("time", test_day=taobao.TEST_DAY, valid="test")
     prepare.prepare("taobao", raw_dir, out, spec, shard_bytes=1_000_000)
@@ -157,7 +157,8 @@ def test_taobao_splits_by_day_with_valid_as_test(tmp_path):
     batch = next(data.train_batches(32, 0, seed=0))
     assert batch["cate_his"].shape == (32, 50) and batch["cate_his_mask"].dtype == bool
     assert (batch["cate_his"][~batch["cate_his_mask"]] == 0).all()
-    source = taobao.open_raw(raw_dir, raw.RowAccounting(), taobao.Processing())
+    source = taobao.open_raw(raw_dir, processing=taobao.Processing(),
+                             options=raw.ReadOptions(accounting=row_accounting.RowAccounting()))
     days = np.concatenate([r.day for r in source.rows])
     assert data.num_rows("test") == int((days == taobao.TEST_DAY).sum())
 

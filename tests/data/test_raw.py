@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from ctr.data import raw, text
+from ctr.data import raw, row_accounting, text
 
 
 def _lines(path, **kw):
@@ -31,7 +31,7 @@ def test_unterminated_last_line_is_flagged(tmp_path):
     (tmp_path / "t.txt").write_bytes(b"a\nb\nc")
     blocks = list(raw.read_blocks(str(tmp_path / "t.txt"), block_bytes=3))
     assert blocks[-1].truncated and blocks[-1].data.tobytes() == b"c\n"
-    assert raw.truncation_rejection(blocks[-1]).line == 3
+    assert row_accounting.truncation_rejection(blocks[-1]).line == 3
     assert not any(b.truncated for b in blocks[:-1])
 
 
@@ -84,15 +84,15 @@ def test_split_fields_reports_wrong_counts_and_strips_cr():
 
 
 def test_accounting_budget():
-    rejections = [raw.Rejection(line, "bad_label", "label", "label must be 0 or 1") for line in (3, 7)]
-    strict = raw.RowAccounting()
+    rejections = [row_accounting.Rejection(line, "bad_label", "label", "label must be 0 or 1") for line in (3, 7)]
+    strict = row_accounting.RowAccounting()
     with pytest.raises(raw.ParseError, match="f.txt:3: field label: label must be 0 or 1$"):
         strict.reject("x", "f.txt", rejections)
-    lenient = raw.RowAccounting(max_bad_rows=2)
+    lenient = row_accounting.RowAccounting(max_bad_rows=2)
     lenient.reject("x", "f.txt", rejections)
     assert lenient.to_json()["rows_rejected"] == {"x": {"bad_label": 2}}
     with pytest.raises(raw.ParseError, match=r"f.txt:9: .*more than --max_bad_rows=2"):
-        lenient.reject("x", "f.txt", [raw.Rejection(9, "bad_label", "label", "label must be 0 or 1")])
+        lenient.reject("x", "f.txt", [row_accounting.Rejection(9, "bad_label", "label", "label must be 0 or 1")])
 
 
 def test_ordered_map_keeps_order():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ctr.data import raw, taobao
+from ctr.data import raw, row_accounting, synthetic, taobao
 from ctr.data import rows as rows_lib
 from ctr.data.fingerprint import fingerprint
 
@@ -48,7 +48,8 @@ def _write(tmp_path, sample=SAMPLE, ads=ADS, users=USERS, behaviors=BEHAVIORS, t
 
 def _read(raw_dir, accounting=None, max_len=taobao.MAX_LEN, partition_bytes=1 << 30):
     processing = taobao.Processing(max_len=max_len, partition_bytes=partition_bytes)
-    source = taobao.open_raw(raw_dir, accounting or raw.RowAccounting(), processing, tmp_dir=raw_dir)
+    source = taobao.open_raw(raw_dir, processing=processing, options=raw.ReadOptions(
+        accounting=accounting or row_accounting.RowAccounting(), tmp_dir=raw_dir))
     return source.schema, rows_lib.Rows.concat(list(source.rows))
 
 
@@ -112,7 +113,7 @@ def test_nothing_at_or_after_the_impression_enters(tmp_path):
 def test_histories_against_brute_force():
     rng = np.random.default_rng(0)
     n = 3000
-    behaviors = np.zeros(n, taobao._BEHAVIOR)
+    behaviors = np.zeros(n, taobao.BEHAVIOR_DTYPE)
     behaviors["user"], behaviors["ts"] = rng.integers(0, 30, n), rng.integers(0, 500, n)
     behaviors = behaviors[np.lexsort((behaviors["ts"], behaviors["user"]))]
     users, times = rng.integers(0, 32, 400), rng.integers(0, 520, 400)
@@ -137,7 +138,7 @@ def test_unknown_ad_is_an_error_or_a_counted_skip(tmp_path):
     raw_dir = _write(tmp_path, sample=SAMPLE + [f"234,{T0},99,430548_1007,1,0"])
     with pytest.raises(raw.ParseError, match="raw_sample.csv:6: field adgroup_id: adgroup_id 99 is not in ad_feature"):
         _read(raw_dir)
-    accounting = raw.RowAccounting(max_bad_rows=1)
+    accounting = row_accounting.RowAccounting(max_bad_rows=1)
     _, rows = _read(raw_dir, accounting)
     assert len(rows) == len(SAMPLE)
     assert accounting.rejected["raw_sample"] == {"unknown_ad": 1}
@@ -176,7 +177,7 @@ def test_both_encodings_of_a_file_are_refused(tmp_path):
 
 
 def test_synthetic_clicks_follow_the_history(tmp_path):
-    taobao.write_synthetic(str(tmp_path), num_users=300, seed=1)
+    synthetic.taobao.write_synthetic(str(tmp_path), num_users=300, seed=1)
     _, rows = _read(str(tmp_path))
     real = rows_lib.sequence_mask(rows.seq_len, taobao.MAX_LEN)
     cate_seen = ((rows.seq[:, 0] == rows.ids[:, 3][:, None]) & real).any(axis=1)
@@ -187,7 +188,7 @@ def test_synthetic_clicks_follow_the_history(tmp_path):
 def test_synthetic_click_mechanisms_follow_their_rules(tmp_path):
     def rows_of(mechanism):
         raw_dir = str(tmp_path / mechanism)
-        taobao.write_synthetic(raw_dir, num_users=300, seed=1, mechanism=mechanism)
+        synthetic.taobao.write_synthetic(raw_dir, num_users=300, seed=1, mechanism=mechanism)
         rows = _read(raw_dir)[1]
         return rows, rows_lib.sequence_mask(rows.seq_len, taobao.MAX_LEN)  # left-padded: most recent last
 
@@ -199,4 +200,4 @@ def test_synthetic_click_mechanisms_follow_their_rules(tmp_path):
     recent, older_only = brand_match[:, -5:].any(1), brand_match.any(1) & ~brand_match[:, -5:].any(1)
     assert rows.label[recent].mean() > 2 * rows.label[older_only].mean()
     with pytest.raises(ValueError, match="unknown mechanism 'nope'"):
-        taobao.write_synthetic(str(tmp_path / "x"), num_users=10, mechanism="nope")
+        synthetic.taobao.write_synthetic(str(tmp_path / "x"), num_users=10, mechanism="nope")

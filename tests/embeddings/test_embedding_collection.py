@@ -1,4 +1,4 @@
-"""The collection contract as the trainer uses it: host_ids -> gather -> grad w.r.t. rows -> sparse_update."""
+"""The collection contract as the trainer uses it: host_ids -> read_rows -> grad w.r.t. rows -> sparse_update."""
 import glob
 import os
 
@@ -12,8 +12,8 @@ import pytest
 import embeddings
 from ctr.data import criteo
 from embedding_testlib import SCHEMA, Head, device_batch, random_batch
-from embeddings import sharding, sparse_optim
-from embeddings.dhe import DHE
+from embeddings import table_placement, sparse_optim
+from embeddings.dhe import DeepHashEmbedding
 from embeddings.per_feature import PerFeature
 from embeddings.specs import build_collection
 from embeddings.unified import Unified
@@ -29,7 +29,7 @@ def _mixed(lookup=None, dhe=True):
     }
     family_of = {"site": "pf"}
     if dhe:
-        families["dhe"] = DHE(k=32, hidden=(16,))
+        families["dhe"] = DeepHashEmbedding(k=32, hidden=(16,))
         family_of["user"] = "dhe"
     return build_collection(
         SCHEMA, families=families, default_family="ue", family_of=family_of, dims={"item": 8}, default_dim=4,
@@ -43,7 +43,7 @@ def _train_step(collection, optimizer):
     tx = optax.adam(1e-2)
 
     def step(tables, slots, params, opt_state, batch, ids, t):
-        rows = collection.gather(tables, ids)
+        rows = collection.read_rows(tables, ids)
 
         def loss_fn(params, rows):
             logits, _ = head.apply({"params": params}, rows, batch)
@@ -56,7 +56,7 @@ def _train_step(collection, optimizer):
 
     def init(rng, batch, ids):
         tables = collection.init(rng)
-        params = head.init(rng, collection.gather(tables, ids), batch)["params"]
+        params = head.init(rng, collection.read_rows(tables, ids), batch)["params"]
         return tables, {n: optimizer.init(t) for n, t in tables.items()}, params, tx.init(params)
 
     return init, step
@@ -69,15 +69,15 @@ def test_row_gradients_equal_table_gradients():
     batch, head = random_batch(32), Head(col)
     ids, dev = col.host_ids(batch), device_batch(batch)
     tables = col.init(jax.random.key(0))
-    params = jax.jit(head.init)(jax.random.key(1), col.gather(tables, ids), dev)
+    params = jax.jit(head.init)(jax.random.key(1), col.read_rows(tables, ids), dev)
 
     def loss(rows):
         return jnp.sum(head.apply(params, rows, dev)[0] ** 2)
 
     @jax.jit
     def both(tables):
-        g_rows = jax.grad(loss)(col.gather(tables, ids))
-        g_tables = jax.grad(lambda t: loss(col.gather(t, ids)))(tables)
+        g_rows = jax.grad(loss)(col.read_rows(tables, ids))
+        g_tables = jax.grad(lambda t: loss(col.read_rows(t, ids)))(tables)
         return g_rows, g_tables
 
     g_rows, g_tables = both(tables)
@@ -117,18 +117,18 @@ def test_train_step_learns_and_touches_only_batch_rows():
     assert any(k.startswith("dhe_") for k in params)  # DHE networks train as dense parameters
 
 
-@pytest.mark.parametrize("path", sharding.PATHS)
+@pytest.mark.parametrize("path", table_placement.PATHS)
 def test_sharded_collection_equals_unsharded(path):
-    """with_mesh + its shardings: gather and sparse_update of every table (DHE keys ignored) as unsharded."""
+    """with_mesh + its shardings: read_rows and sparse_update of every table (DHE keys ignored) as unsharded."""
     mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AUTO, AUTO))
-    sharded = _mixed(sharding.LookupOptions(path=path)).with_mesh(mesh)
+    sharded = _mixed(table_placement.LookupOptions(path=path)).with_mesh(mesh)
     assert {s.spec for s in sharded.table_shardings().values()} == {jax.sharding.PartitionSpec(("data", "model"), None)}
     ids = PLAIN.host_ids(random_batch(64))
     tables = PLAIN.init(jax.random.key(0))
     slots = {name: OPTIMIZER.init(t) for name, t in tables.items()}
 
     def step(collection, tables, slots):
-        rows = collection.gather(tables, ids)
+        rows = collection.read_rows(tables, ids)
         grads = {k: jnp.cos(r.astype(jnp.float32) * 7.0) for k, r in rows.items()}  # any row gradient
         return rows, *collection.sparse_update(tables, slots, ids, grads, OPTIMIZER, jnp.int32(0))
 
@@ -151,10 +151,10 @@ def test_with_mesh_needs_evenly_split_tables():
         col.table_shardings()
     routed = build_collection(
         SCHEMA, families={"pf": PerFeature(num_buckets=10)}, default_dim=4,
-        lookup=sharding.LookupOptions(path="shard_map"),
+        lookup=table_placement.LookupOptions(path="shard_map"),
     )
     with pytest.raises(ValueError, match="with_mesh"):
-        routed.gather(routed.init(jax.random.key(0)), routed.host_ids(random_batch(8)))
+        routed.read_rows(routed.init(jax.random.key(0)), routed.host_ids(random_batch(8)))
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "embeddings", "*.gin"))))

@@ -9,7 +9,7 @@ import pytest
 from embedding_testlib import SCHEMA, Head, device_batch, random_batch
 from embeddings import dhe as dhe_lib
 from embeddings import hashing
-from embeddings.dhe import DHE
+from embeddings.dhe import DeepHashEmbedding
 from embeddings.per_feature import PerFeature, per_feature_tables
 from embeddings.specs import build_collection, resolve_specs
 from embeddings.unified import Unified
@@ -173,7 +173,7 @@ def test_unified_rejects_bad_configs():
 
 # -- DHE -----------------------------------------------------------------------------------------------------
 def _dhe(**kw):
-    family = DHE(k=32, hidden=(16, 8), **kw)
+    family = DeepHashEmbedding(k=32, hidden=(16, 8), **kw)
     return build_collection(SCHEMA, families={"dhe": family}, default_dim=4)
 
 
@@ -181,10 +181,10 @@ def _embedder(col):
     """``batch -> (Flax variables, rows, model inputs)``, jitted once per collection (eager Flax is slow)."""
     head = Head(col)
     tables = jax.jit(col.init)(jax.random.key(0))
-    gather, init, apply = jax.jit(col.gather), jax.jit(head.init), jax.jit(head.apply)
+    read_rows, init, apply = jax.jit(col.read_rows), jax.jit(head.init), jax.jit(head.apply)
 
     def embed(batch):
-        rows = gather(tables, col.host_ids(batch))
+        rows = read_rows(tables, col.host_ids(batch))
         variables = init(jax.random.key(1), rows, device_batch(batch))
         return variables, rows, apply(variables, rows, device_batch(batch))[1]
 
@@ -217,7 +217,7 @@ def test_dhe_is_deterministic_and_handles_unseen_ids():
     variables, rows, inputs = embed(batch)
     # A second, independently built collection gives the same ids and encodings.
     col2 = _dhe()
-    rows2 = jax.jit(col2.gather)({}, col2.host_ids(batch))
+    rows2 = jax.jit(col2.read_rows)({}, col2.host_ids(batch))
     for k in rows:
         np.testing.assert_array_equal(rows[k], rows2[k])
     # Unseen ids (fresh fingerprints, the extremes included) embed to finite, distinct vectors.
@@ -246,7 +246,7 @@ def test_dhe_parameter_count_matches_flax(shared, normalization):
 
 def test_dhe_budget_picks_the_widest_fitting_network():
     budget = 200_000
-    col = build_collection(SCHEMA, families={"dhe": DHE(k=64, hidden=(0, 0), budget_bytes=budget)}, default_dim=8)
+    col = build_collection(SCHEMA, families={"dhe": DeepHashEmbedding(k=64, hidden=(0, 0), budget_bytes=budget)}, default_dim=8)
     width = col.parts[0].hidden[0]
     assert col.parameter_bytes() <= budget
     wider = 5 * dhe_lib.network_parameters(64, (width + 1,) * 2, 8, "layer") * 4
@@ -254,7 +254,7 @@ def test_dhe_budget_picks_the_widest_fitting_network():
 
 
 def test_mixed_families_in_one_collection():
-    families = {"ue": Unified(budget_rows=2048, dim_per_chunk=4), "dhe": DHE(k=16, hidden=(8,)), "pf": PerFeature(50)}
+    families = {"ue": Unified(budget_rows=2048, dim_per_chunk=4), "dhe": DeepHashEmbedding(k=16, hidden=(8,)), "pf": PerFeature(50)}
     col = build_collection(
         SCHEMA, families=families, default_family="ue", family_of={"user": "dhe", "site": "pf"}, dims={"item": 8},
         default_dim=4, row_alignment=128,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from embeddings import sharding, sparse_optim
+from embeddings import table_placement, sparse_optim
 
 V, D = 1024, 8
 AUTO = jax.sharding.AxisType.Auto
@@ -21,9 +21,9 @@ PLACEMENTS = {
 REGIMES = {"routed": 8.0, "fallback": 1.0}
 
 
-def _placement(name: str) -> sharding.Placement:
+def _placement(name: str) -> table_placement.Placement:
     shape, row_axes = PLACEMENTS[name]
-    return sharding.Placement(jax.make_mesh(shape, ("data", "model"), axis_types=(AUTO, AUTO)), row_axes)
+    return table_placement.Placement(jax.make_mesh(shape, ("data", "model"), axis_types=(AUTO, AUTO)), row_axes)
 
 
 def _inputs(regime: str, seed: int = 0):
@@ -56,18 +56,18 @@ CASES = [
 @jax.jit
 def _reference_update(table, slots, ids, grads, step):
     optimizer = sparse_optim.SparseAdam(learning_rate=0.01)
-    return sharding.update_rows(table, slots, ids, grads, optimizer, step, None, sharding.LookupOptions())
+    return table_placement.update_rows(table, slots, ids, grads, optimizer, step, None, table_placement.LookupOptions())
 
 
 @pytest.mark.parametrize("where, regime, path", CASES)
 def test_sharded_lookup_and_update_equal_single_device(where, regime, path):
     placement = _placement(where)
-    options = sharding.LookupOptions(path=path, capacity_factor=REGIMES[regime])
+    options = table_placement.LookupOptions(path=path, capacity_factor=REGIMES[regime])
     table, ids, grads = _inputs(regime)
     mesh, axes = placement.mesh, placement.row_axes
 
-    sharded_table = jax.device_put(table, sharding.row_sharding(mesh, axes))
-    got = jax.jit(lambda t, i: sharding.gather_rows(t, i, placement, options))(
+    sharded_table = jax.device_put(table, table_placement.row_sharding(mesh, axes))
+    got = jax.jit(lambda t, i: table_placement.gather_rows(t, i, placement, options))(
         sharded_table, _batch_sharded(placement, ids)
     )
     for rows, i in zip(got, ids):
@@ -78,13 +78,13 @@ def test_sharded_lookup_and_update_equal_single_device(where, regime, path):
     step = jnp.int32(3)
     want_table, want_slots = _reference_update(table, slots, ids, grads, step)
     update = jax.jit(
-        lambda t, s, i, g: sharding.update_rows(t, s, i, g, optimizer, step, placement, options),
-        out_shardings=(sharding.row_sharding(mesh, axes), sharding.slot_shardings(slots, mesh, axes)),
+        lambda t, s, i, g: table_placement.update_rows(t, s, i, g, optimizer, step, placement, options),
+        out_shardings=(table_placement.row_sharding(mesh, axes), table_placement.slot_shardings(slots, mesh, axes)),
         donate_argnums=(0, 1),
     )
     got_table, got_slots = update(
         sharded_table,
-        jax.device_put(slots, sharding.slot_shardings(slots, mesh, axes)),
+        jax.device_put(slots, table_placement.slot_shardings(slots, mesh, axes)),
         _batch_sharded(placement, ids),
         _batch_sharded(placement, grads),
     )
@@ -107,13 +107,13 @@ def test_dense_equivalent_adam_over_steps_equals_single_device(where):
     placement = _placement(where)
     mesh, axes = placement.mesh, placement.row_axes
     optimizer = sparse_optim.SparseAdam(learning_rate=0.01)
-    options = sharding.LookupOptions(path="shard_map")
+    options = table_placement.LookupOptions(path="shard_map")
     table, _, _ = _inputs("routed")
     slots = optimizer.init(table)
     want = (table, slots)
-    got = (jax.device_put(table, sharding.row_sharding(mesh, axes)),
-           jax.device_put(slots, sharding.slot_shardings(slots, mesh, axes)))  # fmt: skip
-    update = jax.jit(lambda t, s, i, g, step: sharding.update_rows(t, s, i, g, optimizer, step, placement, options))
+    got = (jax.device_put(table, table_placement.row_sharding(mesh, axes)),
+           jax.device_put(slots, table_placement.slot_shardings(slots, mesh, axes)))  # fmt: skip
+    update = jax.jit(lambda t, s, i, g, step: table_placement.update_rows(t, s, i, g, optimizer, step, placement, options))
     rng = np.random.default_rng(3)
     for step in range(5):
         ids = [jnp.asarray(rng.integers(0, V, (64,)), jnp.int32)]
@@ -129,10 +129,10 @@ def test_dense_equivalent_adam_over_steps_equals_single_device(where):
 def test_bf16_rows_on_both_paths():
     placement = _placement("8x1/all")
     table, ids, _ = _inputs("routed")
-    sharded = jax.device_put(table, sharding.row_sharding(placement.mesh, placement.row_axes))
-    for path in sharding.PATHS:
-        options = sharding.LookupOptions(path=path, rows_dtype="bfloat16")
-        got = jax.jit(lambda t, i: sharding.gather_rows(t, i, placement, options))(sharded, ids)
+    sharded = jax.device_put(table, table_placement.row_sharding(placement.mesh, placement.row_axes))
+    for path in table_placement.PATHS:
+        options = table_placement.LookupOptions(path=path, rows_dtype="bfloat16")
+        got = jax.jit(lambda t, i: table_placement.gather_rows(t, i, placement, options))(sharded, ids)
         for rows, i in zip(got, ids):
             assert rows.dtype == jnp.bfloat16
             np.testing.assert_array_equal(rows, jnp.take(table, i, axis=0).astype(jnp.bfloat16))
@@ -145,15 +145,15 @@ def test_rowwise_slots_shard_with_their_table():
     optimizer = sparse_optim.SparseRowwiseAdagrad()
     table, ids, grads = _inputs("routed", seed=1)
     slots = optimizer.init(table)
-    shardings = sharding.slot_shardings(slots, mesh, axes)
+    shardings = table_placement.slot_shardings(slots, mesh, axes)
     assert shardings["accumulator"].spec == P(("model",))
-    assert sharding.row_sharding(mesh, axes).spec == P(("model",), None)
-    options = sharding.LookupOptions(path="shard_map")
-    want = jax.jit(lambda t, s: sharding.update_rows(t, s, ids, grads, optimizer, jnp.int32(0), None, options))(
+    assert table_placement.row_sharding(mesh, axes).spec == P(("model",), None)
+    options = table_placement.LookupOptions(path="shard_map")
+    want = jax.jit(lambda t, s: table_placement.update_rows(t, s, ids, grads, optimizer, jnp.int32(0), None, options))(
         table, slots
     )
-    got = jax.jit(lambda t, s: sharding.update_rows(t, s, ids, grads, optimizer, jnp.int32(0), placement, options))(
-        jax.device_put(table, sharding.row_sharding(mesh, axes)), jax.device_put(slots, shardings)
+    got = jax.jit(lambda t, s: table_placement.update_rows(t, s, ids, grads, optimizer, jnp.int32(0), placement, options))(
+        jax.device_put(table, table_placement.row_sharding(mesh, axes)), jax.device_put(slots, shardings)
     )
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=2e-6, atol=1e-7)
@@ -162,23 +162,23 @@ def test_rowwise_slots_shard_with_their_table():
 def test_shard_map_local_gather_through_the_kernel():
     placement = _placement("8x1/all")
     table, ids, _ = _inputs("routed")
-    options = sharding.LookupOptions(path="shard_map", local_gather="kernel", kernel_backend="xla")
-    sharded = jax.device_put(table, sharding.row_sharding(placement.mesh, placement.row_axes))
-    got = jax.jit(lambda t, i: sharding.gather_rows(t, i, placement, options))(sharded, ids)
+    options = table_placement.LookupOptions(path="shard_map", local_gather="kernel", kernel_backend="xla")
+    sharded = jax.device_put(table, table_placement.row_sharding(placement.mesh, placement.row_axes))
+    got = jax.jit(lambda t, i: table_placement.gather_rows(t, i, placement, options))(sharded, ids)
     for rows, i in zip(got, ids):
         np.testing.assert_array_equal(rows, np.asarray(table)[np.asarray(i)])
 
 
 def test_options_and_placement_are_validated():
     with pytest.raises(ValueError, match="path"):
-        sharding.LookupOptions(path="magic")
+        table_placement.LookupOptions(path="magic")
     with pytest.raises(ValueError, match="capacity_factor"):
-        sharding.LookupOptions(capacity_factor=0.5)
+        table_placement.LookupOptions(capacity_factor=0.5)
     mesh = jax.make_mesh((8, 1), ("data", "model"), axis_types=(AUTO, AUTO))
     with pytest.raises(ValueError, match="not axes of the mesh"):
-        sharding.Placement(mesh, ("rows",))
+        table_placement.Placement(mesh, ("rows",))
     with pytest.raises(ValueError, match="leading dimension"):
-        sharding.gather_rows(
-            jnp.zeros((V, D)), [jnp.zeros((12,), jnp.int32)], sharding.Placement(mesh, ("data",)),
-            sharding.LookupOptions(path="shard_map"),
+        table_placement.gather_rows(
+            jnp.zeros((V, D)), [jnp.zeros((12,), jnp.int32)], table_placement.Placement(mesh, ("data",)),
+            table_placement.LookupOptions(path="shard_map"),
         )

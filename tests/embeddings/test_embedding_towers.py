@@ -7,7 +7,7 @@ import pytest
 
 from embedding_testlib import SCHEMA, device_batch, random_batch
 from embeddings import sparse_optim
-from embeddings.dhe import DHE
+from embeddings.dhe import DeepHashEmbedding
 from embeddings.per_feature import PerFeature
 from embeddings.specs import build_collection
 from embeddings.towers import TowerCollections
@@ -18,7 +18,7 @@ def _towers():
     a = build_collection(SCHEMA, families={"emb": Unified(budget_rows=1024, num_tables=2, dim_per_chunk=4)},
                          default_dim=8)
     # Same family key "emb" in both towers: names must not collide (tables or DHE networks).
-    b = build_collection(SCHEMA, families={"emb": PerFeature(num_buckets=64), "dhe": DHE(k=16, hidden=(8,))},
+    b = build_collection(SCHEMA, families={"emb": PerFeature(num_buckets=64), "dhe": DeepHashEmbedding(k=16, hidden=(8,))},
                          default_family="emb", family_of={"user": "dhe"}, default_dim=4)
     return a, b, TowerCollections(SCHEMA, (("a", a), ("b", b)))
 
@@ -39,7 +39,7 @@ def test_each_tower_sees_exactly_its_own_collection():
     dev = device_batch(batch)
     tables = towers.init(jax.random.key(0))
     ids = towers.host_ids(batch)
-    rows = towers.gather(tables, ids)
+    rows = towers.read_rows(tables, ids)
     module = _Embed(towers)
     params = module.init(jax.random.key(1), rows, dev)
     inputs = module.apply(params, rows, dev)
@@ -50,7 +50,7 @@ def test_each_tower_sees_exactly_its_own_collection():
     for name, single in (("a", a), ("b", b)):
         local_tables = {k.split("/", 1)[1]: v for k, v in tables.items() if k.startswith(name + "/")}
         local_ids = single.host_ids(batch)
-        local_rows = single.gather(local_tables, local_ids)
+        local_rows = single.read_rows(local_tables, local_ids)
         local_params = params["params"].get(f"{name}_embedding", {})
         expect = _Embed(single).apply({"params": local_params}, local_rows, dev)
         got = inputs.towers[name]
@@ -69,7 +69,7 @@ def test_sparse_update_touches_only_the_tower_that_got_gradients():
     optimizer = sparse_optim.SparseAdagrad(learning_rate=0.1)
     slots = {n: optimizer.init(t) for n, t in tables.items()}
     ids = towers.host_ids(batch)
-    rows = towers.gather(tables, ids)
+    rows = towers.read_rows(tables, ids)
     grads = {k: (jnp.ones_like(v) if k.startswith("a/") else jnp.zeros_like(v)) for k, v in rows.items()}
     new_tables, new_slots = towers.sparse_update(tables, slots, ids, grads, optimizer, jnp.int32(0))
     assert set(new_tables) == set(tables) and set(new_slots) == set(slots)

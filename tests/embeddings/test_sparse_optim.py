@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from embeddings import sharding, sparse_optim
+from embeddings import table_placement, sparse_optim
 
 V, D = 200, 8
 STEPS = 3
@@ -28,7 +28,7 @@ def _dense_grad(ids, grads):
 
 def _sparse(optimizer, table):
     update = jax.jit(
-        lambda t, s, i, g, step: sharding.update_rows(t, s, [i], [g], optimizer, step, None, sharding.LookupOptions())
+        lambda t, s, i, g, step: table_placement.update_rows(t, s, [i], [g], optimizer, step, None, table_placement.LookupOptions())
     )
     slots = optimizer.init(table)
     for step, (ids, grads) in enumerate(_steps()):
@@ -101,7 +101,7 @@ def test_sparse_adam_equals_dense_optax_adam():
     dense, dense_state = table, tx.init(table)
     sparse, slots = table, opt.init(table)
     update = jax.jit(
-        lambda t, s, i, g, step: sharding.update_rows(t, s, [i], [g], opt, step, None, sharding.LookupOptions())
+        lambda t, s, i, g, step: table_placement.update_rows(t, s, [i], [g], opt, step, None, table_placement.LookupOptions())
     )
     rng = np.random.default_rng(1)
     num_steps = 40
@@ -186,9 +186,9 @@ def test_update_cost_does_not_grow_with_table_size(optimizer):
         slots = jax.eval_shape(optimizer.init, table)
         ids = [jax.ShapeDtypeStruct((4096,), jnp.int32)]
         grads = [jax.ShapeDtypeStruct((4096, 16), jnp.float32)]
-        options = sharding.LookupOptions()
+        options = table_placement.LookupOptions()
         update = jax.jit(
-            lambda t, s, i, g: sharding.update_rows(t, s, i, g, optimizer, jnp.int32(0), None, options),
+            lambda t, s, i, g: table_placement.update_rows(t, s, i, g, optimizer, jnp.int32(0), None, options),
             donate_argnums=(0, 1),
         )
         compiled = update.lower(table, slots, ids, grads).compile()

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from embeddings import sharding, sparse_optim
+from embeddings import table_placement, sparse_optim
 
 V, D, LR, STEPS = 64, 4, 0.3, 3
 AUTO = jax.sharding.AxisType.Auto
@@ -35,14 +35,14 @@ def _numpy_sgd(table):
 def test_sparse_sgd_moves_touched_rows_by_the_summed_gradient(placed):
     table = jnp.asarray(np.random.default_rng(1).uniform(-0.05, 0.05, (V, D)), jnp.float32)
     optimizer = sparse_optim.SparseSGD(learning_rate=LR)
-    placement, options = None, sharding.LookupOptions()
+    placement, options = None, table_placement.LookupOptions()
     state = table
     if placed:
         mesh = jax.make_mesh((8, 1), ("data", "model"), axis_types=(AUTO, AUTO))
-        placement, options = sharding.Placement(mesh, ("data", "model")), sharding.LookupOptions(path="shard_map")
-        state = jax.device_put(table, sharding.row_sharding(mesh, placement.row_axes))
+        placement, options = table_placement.Placement(mesh, ("data", "model")), table_placement.LookupOptions(path="shard_map")
+        state = jax.device_put(table, table_placement.row_sharding(mesh, placement.row_axes))
     assert optimizer.init(table) == {}
-    update = jax.jit(lambda t, i, g, step: sharding.update_rows(t, {}, i, g, optimizer, step, placement, options))
+    update = jax.jit(lambda t, i, g, step: table_placement.update_rows(t, {}, i, g, optimizer, step, placement, options))
     for step, (ids, grads) in enumerate(_steps()):
         state, slots = update(state, ids, grads, jnp.int32(step))
         assert slots == {}

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from ctr.models import registry
-from ctr.models.inputs import ModelInputs
+from ctr.model_io import ModelInputs
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 SEQ_LEN = 10

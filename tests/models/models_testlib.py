@@ -8,10 +8,9 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from ctr.models import registry
-from ctr.models.inputs import ModelInputs
+from ctr.model_io import ModelInputs
 
 BATCH = 8
 SEQ_LEN = 6
@@ -117,7 +116,5 @@ def logits_of(outputs: Any) -> jax.Array:
 
 
 def loss_of(model: nn.Module, outputs: Any, y: jax.Array) -> jax.Array:
-    """The trainer's loss contract: the model's ``loss`` method when it has one, else mean BCE on the logits."""
-    if hasattr(model, "loss"):
-        return model.loss(outputs, y)
-    return optax.sigmoid_binary_cross_entropy(outputs, y).mean()
+    """The trainer's loss (the ``ctr.model_io.Network`` contract): the model's own ``loss``."""
+    return model.loss(outputs, y)

@@ -8,7 +8,7 @@ import pytest
 
 from ctr.models.cetnet import CETNet, confidence, fuse
 from ctr.models.dlrm import DLRM
-from ctr.models.inputs import ModelInputs
+from ctr.model_io import ModelInputs
 from models_testlib import BATCH, host_init, labels, make_inputs, tiny_towers
 
 TOWER_LOGITS = jnp.array([[4.0, 0.1], [-0.2, -3.0], [0.0, 0.0], [2.0, -2.0]])  # [B, K]

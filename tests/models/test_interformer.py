@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ctr.models.interformer import SequenceMaskNet, merge_sequences, most_recent
-from ctr.models.inputs import ModelInputs
+from ctr.model_io import ModelInputs
 from models_testlib import BATCH, host_init, make_inputs, tiny_model
 
 DIM = 8

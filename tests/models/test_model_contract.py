@@ -46,6 +46,29 @@ def test_the_zoo_is_registered():
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_loss_and_logits_keep_the_network_contract(name):
+    """``logits`` finds the ``[B]`` logits in the outputs; a plain model's ``loss`` is mean binary cross-entropy."""
+    model, apply = model_and_apply(name)
+    out, y = apply(initialised(name), make_inputs()), labels()
+    np.testing.assert_array_equal(model.logits(out), logits_of(out))
+    if not isinstance(out, dict):
+        expected = np.mean(np.log1p(np.exp(-np.abs(out))) + np.maximum(out, 0) - out * y)  # stable BCE in numpy
+        np.testing.assert_allclose(model.loss(out, y), expected, rtol=1e-5)
+
+
+def test_a_model_without_the_network_contract_is_refused():
+    import flax.linen as nn
+
+    class NoLoss(nn.Module):
+        def __call__(self, inputs, *, train=False):
+            return inputs.flat()[:, 0]
+
+    with pytest.raises(TypeError, match=r"lacks \['loss', 'logits'\] of ctr.model_io.Network"):
+        ctr.models.register("no_loss")(NoLoss)
+    assert "no_loss" not in ctr.models.names()
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_init_and_output_shapes(name):
     variables = initialised(name)
     assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ctr.models.inputs import ModelInputs
+from ctr.model_io import ModelInputs
 from ctr.models.layers import (
     MLP,
     FeatureTokens,
@@ -134,7 +134,7 @@ def test_dlrm_top_mlp_reads_the_bottom_output_and_the_distinct_pairs(with_dense)
 @pytest.mark.parametrize("modules,ensemble", [(("dot", "dcn"), "concat"), (("dot", "dcn", "attention"), "sum")])
 def test_dhen_layers_ensemble_their_modules(modules, ensemble):
     inputs = make_inputs(sequences=False)
-    with gin_config(f"DHEN.modules = {modules!r}", f"DHEN.ensemble = {ensemble!r}", "DHEN.dcn_rank = 2"):
+    with gin_config(f"DHENStack.modules = {modules!r}", f"DHENStack.ensemble = {ensemble!r}", "DHENStack.dcn_rank = 2"):
         model = tiny_model("dhen", num_layers=2)
         shapes = param_shapes(model, inputs)
         out = jax.jit(model.apply)(host_init(model, inputs), inputs)
@@ -146,7 +146,7 @@ def test_dhen_layers_ensemble_their_modules(modules, ensemble):
 
 
 def test_dhen_rejects_unknown_modules():
-    with gin_config("DHEN.modules = ('dot', 'fm')"), pytest.raises(ValueError, match="unknown DHEN module"):
+    with gin_config("DHENStack.modules = ('dot', 'fm')"), pytest.raises(ValueError, match="unknown DHEN module"):
         param_shapes(tiny_model("dhen"), make_inputs(sequences=False))
 
 

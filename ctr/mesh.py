@@ -11,14 +11,13 @@ The same code runs on 1 CPU, 8 CPU devices, a GPU host or a TPU slice: only the 
 """
 from __future__ import annotations
 
-import math
-
 import gin
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ctr import errors
+from embeddings import table_placement
 
 AXES = ("data", "model")
 
@@ -45,8 +44,9 @@ def logical_rules(
     return {"batch": tuple(batch), "table_rows": tuple(table_rows)}
 
 
-def axis_size(mesh: Mesh, axes: tuple[str, ...]) -> int:
-    return math.prod(mesh.shape[a] for a in axes)
+def batch_shards(mesh: Mesh, rules: dict[str, tuple[str, ...]]) -> int:
+    """Devices a global batch is split over: the product of the ``batch`` rule's axis sizes."""
+    return table_placement.axis_size(mesh, rules["batch"])
 
 
 def batch_sharding(mesh: Mesh, rules: dict[str, tuple[str, ...]], ndim: int = 1) -> NamedSharding:

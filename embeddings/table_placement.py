@@ -105,12 +105,17 @@ class Placement:
 
     @property
     def num_shards(self) -> int:
-        return math.prod(self.mesh.shape[a] for a in self.row_axes)
+        return axis_size(self.mesh, self.row_axes)
 
     @property
     def replica_axes(self) -> tuple[str, ...]:
         """Mesh axes holding replicas of each shard."""
         return tuple(a for a in self.mesh.axis_names if a not in self.row_axes)
+
+
+def axis_size(mesh: Mesh, axes: Sequence[str]) -> int:
+    """Devices an array dimension split over ``axes`` of ``mesh`` is split over (the product of their sizes)."""
+    return math.prod(mesh.shape[a] for a in axes)
 
 
 def row_sharding(mesh: Mesh, row_axes: Sequence[str], ndim: int = 2) -> NamedSharding:
