@@ -254,7 +254,8 @@ def train(
     }
 
     os.makedirs(run_dir, exist_ok=True)  # only now: a config or data error above leaves no run directory
-    ckpt = checkpointing.Checkpointer(os.path.join(run_dir, "checkpoints"))
+    ckpt = checkpointing.Checkpointer(os.path.join(run_dir, "checkpoints"),
+                                      table_rows=checkpointing.logical_table_rows(collection))  # fmt: skip
     record = {"examples_seen": 0, "train_wall_s": 0.0}
     restored = ckpt.restore_latest(checkpointing.abstract_like(state))
     if restored is not None:
@@ -430,7 +431,7 @@ def train(
         "train_wall_s": train_wall,
         "wall_s_this_process": time.time() - start_wall,
         "num_params": num_params,
-        "devices": jax.device_count(),
+        "devices": mesh.size,
         "processes": jax.process_count(),
     }
     state = flush_step(state)
