@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from ctr import checkpointing, errors, metrics, optimizers, plots, sharding
+from ctr import checkpointing, errors, faults, metrics, optimizers, plots, sharding
 from ctr import models as model_zoo
 from ctr.data import dataset as dataset_lib
 from ctr.data import schema as schema_lib
@@ -366,7 +366,7 @@ def train(
     step = start_step
     loss_sum, loss_count, window_start, window_step = None, 0, time.time(), step
     try:
-        with _StopSignal() as stop:
+        with _StopSignal() as stop, faults.Watchdog(steps_per_sync=log_every) as watch:
             while step < num_steps:
                 batch, ids = prefetch.next()
                 state, loss = train_step(state, batch, ids)
@@ -374,13 +374,14 @@ def train(
                 loss_count += 1
                 step += 1
                 examples_seen += batch_size
-                preempted = _any_process(stop.requested)
+                watch.step_done(step)
                 boundary = (
-                    step % log_every == 0 or step == num_steps or ckpt.due(step) or preempted
+                    step % log_every == 0 or step == num_steps or ckpt.due(step)
                     or (eval_every and step % eval_every == 0)
                 )
                 if not boundary:
                     continue
+                preempted = faults.any_process(stop.requested)  # boundaries only: the same steps on every host
                 mean_loss = float(loss_sum) / loss_count  # the only host sync between boundaries
                 if not math.isfinite(mean_loss):
                     ckpt.wait()  # name only a checkpoint whose save has completed
@@ -399,16 +400,19 @@ def train(
                 bar.update(step, mean_loss, rate)
                 loss_sum, loss_count, window_start, window_step = None, 0, now, step
                 if eval_every and step % eval_every == 0 and step < num_steps:
-                    state = flush_step(state)
-                    result = evaluate("valid")
+                    with watch.phase("evaluation"):
+                        state = flush_step(state)
+                        result = evaluate("valid")
                     if writer:
                         writer.log(step, {f"valid/{k}": v for k, v in result.items()})
                     bar.note(f"step {step}: valid auc {result['auc']:.4f} logloss {result['logloss']:.4f}")
                     window_start = time.time()
                 if ckpt.due(step) or step == num_steps or preempted:
-                    ckpt.save(step, state, _record(examples_seen, record, loop_start))
+                    with watch.phase("checkpoint save"):
+                        ckpt.save(step, state, _record(examples_seen, record, loop_start))
                 if preempted:
-                    ckpt.wait()
+                    with watch.phase("checkpoint save"):
+                        ckpt.wait()
                     if lead:
                         print(f"Stopped by SIGTERM at step {step}; checkpoint saved. Run again to resume.")
                     return {"preempted_at_step": step}
@@ -487,13 +491,6 @@ def _check_splits(dataset: Any, batch_size: int, eval_every: int, final_eval_spl
 
 def _record(examples_seen: int, record: dict, loop_start: float) -> dict:
     return {"examples_seen": examples_seen, "train_wall_s": record["train_wall_s"] + time.time() - loop_start}
-
-
-def _any_process(flag: bool) -> bool:
-    """True when any process got SIGTERM (all processes must stop at the same step)."""
-    if jax.process_count() == 1:
-        return flag
-    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
 class _RunWriter:
