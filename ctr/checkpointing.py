@@ -14,8 +14,8 @@ is set aside (moved to ``<directory>.rejected/``) with a warning naming it, and 
 
 Resharding: a checkpoint restores onto any device count, mesh shape and table rule (``make_mesh.*``,
 ``logical_rules.table_rows``) and from any number of processes: orbax reads, for every device of the target
-sharding, only that device's slice of each array, so no device (and no host buffer) ever holds a whole sharded
-table. Table padding: tables have ``row_alignment``-padded row counts that the mesh does not change, but a run
+sharding, only that device's slice of each array and builds the array from those slices, so no device ever
+holds a whole sharded table (a host buffers the slices of its own devices). Table padding: tables have ``row_alignment``-padded row counts that the mesh does not change, but a run
 needing more shards may raise the alignment. The record keeps each table's logical row count (the rows lookups
 address); a restore into a table whose padded row count differs but whose logical rows are the same copies
 those rows and zero-fills the new padding, and the checksums of table and slot arrays cover logical rows only,
@@ -217,7 +217,12 @@ def abstract_like(tree: Any) -> Any:
 
 def logical_table_rows(collection: Any) -> dict[str, int]:
     """``{table name: rows its lookups address}`` of an embedding collection (the rest is alignment padding; a
-    table no lookup reads counts whole)."""
+    table no lookup reads counts whole). Tower collections (:mod:`embeddings.towers`): their towers' tables."""
+    towers = getattr(collection, "towers", None)
+    if towers is not None:
+        from embeddings.towers import SEP
+
+        return {f"{tower}{SEP}{name}": rows for tower, c in towers for name, rows in logical_table_rows(c).items()}
     used: dict[str, int] = {}
     for lk in collection.lookups:
         used[lk.table] = max(used.get(lk.table, 0), lk.offset + lk.num_buckets)

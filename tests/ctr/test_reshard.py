@@ -10,7 +10,8 @@ test_trainer_sharded.py): measured, test AUC equal and logloss within 5e-9. The 
 ten steps more or less of training change on this data (AUC by ~2e-3).
 
 Table padding: a checkpoint restores into tables of another padded row count (a larger
-``build_collection.row_alignment``) when the logical rows are the same, and refuses any other shape change.
+``build_collection.row_alignment``) when the logical rows are the same, and refuses any other shape change;
+each device's slice is read on its own (a table is never whole on one device).
 """
 import os
 import shutil
@@ -152,7 +153,14 @@ def test_restore_into_another_padding_keeps_logical_rows(tmp_path):
                              axis_types=(jax.sharding.AxisType.Auto,) * 2)  # fmt: skip
         target = checkpointing.abstract_like(_padded_state(mesh, rows))
         ckpt = checkpointing.Checkpointer(str(tmp_path / "ckpt"), table_rows={"t": 50})
-        got, record = ckpt.restore(3, target)
+        built, make = [], jax.make_array_from_single_device_arrays
+        with pytest.MonkeyPatch.context() as patch:  # how orbax assembles each restored array
+            patch.setattr(jax, "make_array_from_single_device_arrays",
+                          lambda shape, sharding, arrays, **kw: built.append((shape, [a.shape for a in arrays]))
+                          or make(shape, sharding, arrays, **kw))  # fmt: skip
+            got, record = ckpt.restore(3, target)
+        # The table came from one slice per device (rows / devices each), never from a whole table on a device.
+        assert ((rows, 4), [(rows // devices, 4)] * devices) in built
         assert record == {"examples_seen": 0}
         table = np.asarray(got.tables["t"])
         assert table.shape == (rows, 4) and got.tables["t"].sharding == target.tables["t"].sharding
