@@ -37,6 +37,8 @@ import gin
 import jax
 import numpy as np
 
+from ctr import errors
+
 EXIT_LOST_PROCESS = 4  # another process of the job was lost (or the coordinator)
 EXIT_STUCK = 5  # this process's step did not complete within the watchdog's bound
 COMMAND = "ctr.train"
@@ -95,6 +97,8 @@ class Heartbeats:
                 values = {p: self._get(p) for p in seen}
             except Exception as e:  # noqa: BLE001  (the client raises several types for a lost service)
                 first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                if self._stop.is_set() or 0 not in seen and self._me != 0:  # ending, or process 0 is done
+                    return
                 if self._me == 0:
                     self._lost(f"the coordination service in this process stopped answering ({first})")
                 else:
@@ -143,16 +147,23 @@ class Heartbeats:
 
 
 @contextlib.contextmanager
-def lost_process_guard(heartbeats: Heartbeats | None) -> Iterator[None]:
-    """Around a multi-host run: an error gives the heartbeats time to name a lost peer; a normal end marks this
-    process done (so that peers still finishing do not take it for lost)."""
+def lost_process_guard(heartbeats: Heartbeats | None, expected: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Around a multi-host run. An unexpected error (not a :class:`ctr.errors.UserError` nor one of
+    ``expected``, e.g. a collective that failed because a peer died) first gives the heartbeats time to name a
+    lost peer. Then, and at a normal end, this process is marked done, so that peers still finishing do not take
+    it for lost."""
     if heartbeats is None:
         yield
         return
     try:
         yield
-    except Exception:
-        heartbeats.await_verdict()
+    except Exception as e:
+        if not isinstance(e, (errors.UserError, *expected)):
+            heartbeats.await_verdict()
+        heartbeats.finish()
+        raise
+    except BaseException:  # SIGTERM outside the loop (ctr.train.Terminated), KeyboardInterrupt
+        heartbeats.finish()
         raise
     heartbeats.finish()
 
@@ -240,7 +251,7 @@ class Watchdog:
                 bound, waited, phase, step = self.bound_s(), time.monotonic() - self._since, self._phase, self._step
             if bound is None or waited <= bound or self._stop.is_set():
                 continue
-            where = f"in the first step (compilation) after step {step}" if phase == "first step" else (
+            where = "in the first step (compilation)" if phase == "first step" else (
                 f"in step {step + 1}" if phase == "train" else f"in the {phase} at step {step}")  # fmt: skip
             _say(f"watchdog: no progress for {waited:.0f} s {where} (bound {bound:.0f} s: Watchdog.floor_s = "
                  f"{self.floor_s:g} + Watchdog.multiple = {self.multiple:g} x {self.steps_per_sync} recent steps' time, or "

@@ -76,19 +76,19 @@ def run_command(gin_files: list[str], gin_params: list[str], distributed: bool =
         except ValueError:
             run_dir = default_run_dir(gin_files)
         try:
+            from ctr import faults
+
             heartbeats = None
             if distributed or coordinator_address:
-                from ctr import faults
-
                 heartbeats = faults.initialize_distributed(coordinator_address, num_processes, process_id,
                                                            heartbeat_timeout_s)  # fmt: skip
-            from ctr import faults, trainer
+            from ctr import trainer
 
             with gin.unlock_config():
                 gin.bind_parameter("train.run_dir", run_dir)
             gin.finalize()
             try:
-                with faults.lost_process_guard(heartbeats):
+                with faults.lost_process_guard(heartbeats, expected=(trainer.TrainingDiverged,)):
                     trainer.train()
             except trainer.TrainingDiverged as e:
                 logging.error("%s", e)
