@@ -59,7 +59,7 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
     :func:`any_process` instead.
     """
     if heartbeat_timeout_s <= 0:
-        raise ValueError(f"--heartbeat_timeout_s must be > 0, got {heartbeat_timeout_s}")
+        raise errors.ConfigError(f"--heartbeat_timeout_s: must be > 0, got {heartbeat_timeout_s:g}")
     jax.config.update("jax_enable_preemption_service", False)
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id,
@@ -97,7 +97,7 @@ class Heartbeats:
                 values = {p: self._get(p) for p in seen}
             except Exception as e:  # noqa: BLE001  (the client raises several types for a lost service)
                 first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-                if self._stop.is_set() or 0 not in seen and self._me != 0:  # ending, or process 0 is done
+                if self._stop.is_set() or (self._me != 0 and 0 not in seen):  # ending, or process 0 is done
                     return
                 if self._me == 0:
                     self._lost(f"the coordination service in this process stopped answering ({first})")
@@ -198,9 +198,10 @@ class Watchdog:
 
     def __init__(self, steps_per_sync: int = 1, multiple: float = 20.0, floor_s: float = 120.0,
                  slow_phase_s: float = 3600.0, window: int = 200):  # fmt: skip
-        if multiple < 0 or floor_s < 0 or slow_phase_s < 0 or window < 1:
-            raise ValueError(f"Watchdog: multiple, floor_s, slow_phase_s must be >= 0 and window >= 1, got "
-                             f"{multiple}, {floor_s}, {slow_phase_s}, {window}")  # fmt: skip
+        for name, value in (("multiple", multiple), ("floor_s", floor_s), ("slow_phase_s", slow_phase_s)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise errors.ConfigError(f"Watchdog.{name}: expected a number >= 0, got {value!r}")
+        errors.check_int("Watchdog.window", window, 1)
         self.steps_per_sync, self.multiple, self.floor_s, self.slow_phase_s = (
             max(1, steps_per_sync), multiple, floor_s, slow_phase_s)  # fmt: skip
         self._times: collections.deque[float] = collections.deque(maxlen=window)
@@ -254,9 +255,9 @@ class Watchdog:
             where = "in the first step (compilation)" if phase == "first step" else (
                 f"in step {step + 1}" if phase == "train" else f"in the {phase} at step {step}")  # fmt: skip
             _say(f"watchdog: no progress for {waited:.0f} s {where} (bound {bound:.0f} s: Watchdog.floor_s = "
-                 f"{self.floor_s:g} + Watchdog.multiple = {self.multiple:g} x {self.steps_per_sync} recent steps' time, or "
-                 f"Watchdog.slow_phase_s); the stacks of this process follow; exiting (status {EXIT_STUCK}) so "
-                 "that the job can be restarted from the last complete checkpoint")  # fmt: skip
+                 f"{self.floor_s:g} + Watchdog.multiple = {self.multiple:g} x {self.steps_per_sync} recent steps' "
+                 f"time, or Watchdog.slow_phase_s); the stacks of this process follow; exiting (status "
+                 f"{EXIT_STUCK}) so that the job can be restarted from the last complete checkpoint")  # fmt: skip
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
             sys.stderr.flush()
             os._exit(EXIT_STUCK)
@@ -273,7 +274,7 @@ class inject_fault:  # noqa: N801  (named as its gin binding reads)
 
     def __init__(self, process: int = 0, step: int = -1, action: str = "none", hang_s: float = 3600.0):
         if action not in _ACTIONS:
-            raise ValueError(f"inject_fault.action must be one of {_ACTIONS}, got {action!r}")
+            raise errors.ConfigError(f"inject_fault.action: expected one of {_ACTIONS}, got {action!r}")
         self.process, self.step, self.action, self.hang_s = process, step, action, hang_s
 
     def at(self, step: int) -> None:

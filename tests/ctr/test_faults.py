@@ -17,6 +17,7 @@ test_multihost.py).
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -117,7 +118,11 @@ def test_sigterm_stops_both_at_a_boundary_and_two_processes_resume_as_one(setup,
 def test_sigkill_of_one_process_stops_the_other_and_the_rerun_finishes(setup, tmp_path):
     root, data, uninterrupted = setup
     run = tmp_path / "run"
-    _one(run, data, "train.num_steps = 20")  # one process wrote the checkpoint the two resume from
+    # The uninterrupted 1-process run as it was at step 20: the checkpoint the two processes resume from.
+    shutil.copytree(root / "uninterrupted", run)
+    for later in ("30", "40"):
+        shutil.rmtree(run / "checkpoints" / later)
+    os.remove(run / "results.json")
     outs = _two(run, data, faulty=("inject_fault.process = 1", "inject_fault.step = 35",
                                    'inject_fault.action = "sigkill"'))  # fmt: skip
     assert outs[1][0] == -9
