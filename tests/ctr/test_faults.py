@@ -10,6 +10,8 @@ SIGTERM to one process, SIGKILL of one, a hang of one; and checkpoints moving be
 - Process 1 hangs at step 7: its watchdog exits 5 with its stack; process 0, waiting for it in a collective,
   exits non-zero too (its own watchdog, or the lost heartbeat), both within the bound.
 
+The watchdog's bound itself (recent step times, slow phases) is checked on a fake clock.
+
 Both resumed runs end with the metrics of an uninterrupted 1-process run: the same global batches, only the
 summation order of collectives differs (gloo between processes), so metrics agree to 1e-5 (as in
 test_multihost.py).
@@ -154,3 +156,23 @@ def test_a_hang_in_one_process_stops_both_within_the_watchdog_bound(setup, tmp_p
     assert rc0 in (4, 5), err0[-3000:]
     assert "process 0 of 2: watchdog: no progress" in err0 or "process 0 of 2: lost process 1" in err0
     assert max(t0, t1) < 150  # start-up included
+
+
+def test_watchdog_bound_follows_recent_steps_and_leaves_out_slow_phases(monkeypatch):
+    from ctr import faults
+
+    clock = [100.0]
+    monkeypatch.setattr(faults.time, "monotonic", lambda: clock[0])
+    watch = faults.Watchdog(steps_per_sync=5, multiple=2.0, floor_s=1.0, slow_phase_s=50.0)  # thread not started
+    assert watch.bound_s() == 50.0  # the first step compiles
+    for seconds in (7.0, 0.5, 1.5):  # the first step's time (compilation) is not counted
+        clock[0] += seconds
+        watch.step_done(int(clock[0]))
+    assert watch.bound_s() == pytest.approx(1.0 + 2.0 * 5 * 1.0)  # floor + multiple x 5 steps of their mean
+    with watch.phase("evaluation"):
+        assert watch.bound_s() == 50.0
+        clock[0] += 30.0
+    clock[0] += 1.0
+    watch.step_done(200)  # the step the evaluation interrupted is not timed: its 31 s are no step time
+    assert watch.bound_s() == pytest.approx(1.0 + 2.0 * 5 * 1.0)
+    assert faults.Watchdog(slow_phase_s=0.0).bound_s() is None
