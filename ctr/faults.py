@@ -2,11 +2,13 @@
 
 - **Lost process** (:class:`Heartbeats`, ``--heartbeat_timeout_s``): every process bumps a counter of its own in
   the coordination service's key-value store every ``timeout / 5`` seconds and watches the others'. A process
-  whose counter has not moved for ``timeout`` seconds is lost (killed, crashed, its host gone); a process that
-  can no longer reach the service has lost the coordinator (process 0). Either way the others print one line
-  naming the lost process and exit :data:`EXIT_LOST_PROCESS`, instead of waiting in a collective that will never
+  whose counter has not moved for ``timeout`` seconds is lost (killed, crashed, its host gone): the others print
+  one line naming it and exit :data:`EXIT_LOST_PROCESS`, instead of waiting in a collective that will never
   complete. JAX's own detection (``jax.distributed.initialize(heartbeat_timeout_seconds=...)``, which aborts the
-  process from C++ with a message naming the task) is set to twice the timeout as a backstop.
+  process from C++ with a message naming the task) is set to twice the timeout as a backstop. When process 0
+  dies, the coordination service dies with it and JAX aborts every other process at once (SIGABRT, "the JAX
+  distributed service detected fatal errors"), usually before a heartbeat can fail here (measured on CPU); a
+  service that stops answering otherwise is reported as the lost coordinator.
 - **Stuck process** (:class:`Watchdog`): a thread that expects a completed step within ``floor_s`` plus
   ``multiple`` times the slowest of the recent steps (long phases, the first step's compilation, evaluations
   and checkpoint saves, get ``slow_phase_s``). Past it, the process prints where it is (phase, step, and the
