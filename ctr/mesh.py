@@ -23,9 +23,18 @@ AXES = ("data", "model")
 
 
 @gin.configurable
-def make_mesh(data: int = -1, model: int = 1) -> Mesh:
-    """A ``data x model`` mesh over all devices; ``-1`` takes whatever the other axis leaves."""
+def make_mesh(data: int = -1, model: int = 1, num_devices: int = -1) -> Mesh:
+    """A ``data x model`` mesh over the first ``num_devices`` devices (``-1``: all); ``-1`` for ``data`` takes
+    whatever ``model`` leaves. Fewer devices than the process has (one process only) is for trying a
+    checkpoint on a smaller slice, e.g. 8 -> 4 -> 1 devices on one host."""
     n = jax.device_count()
+    if num_devices != -1:
+        errors.check_int("make_mesh.num_devices", num_devices, 1)
+        if num_devices > n or (jax.process_count() > 1 and num_devices != n):
+            raise errors.ConfigError(f"make_mesh.num_devices = {num_devices}: this run has {n} devices over "
+                                     f"{jax.process_count()} process(es) (fewer is for one process only)")  # fmt: skip
+        n = num_devices
+    devices = jax.devices()[:n]
     if data == -1:
         if n % model:
             raise errors.ConfigError(f"make_mesh.model = {model} does not divide the {n} devices")
@@ -33,7 +42,7 @@ def make_mesh(data: int = -1, model: int = 1) -> Mesh:
     if data * model != n:
         raise errors.ConfigError(f"make_mesh.data x make_mesh.model = {data}x{model} does not match the {n} devices")
     # Auto axes: jax 0.10's default Explicit axes reject a plain gather on a sharded table.
-    return jax.make_mesh((data, model), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    return jax.make_mesh((data, model), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
 
 
 @gin.configurable

@@ -32,7 +32,8 @@ class StopSignal:
 
 
 def any_process(flag: bool) -> bool:
-    """True when ``flag`` is set on any process (all processes must stop at the same step)."""
+    """True when ``flag`` is set on any process (all processes must stop at the same step). A collective: call
+    it at the same steps on every process (the loop's regular boundaries), not every step."""
     if jax.process_count() == 1:
         return flag
     return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))

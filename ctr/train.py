@@ -31,6 +31,9 @@ DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Initialise jax.distribute
 COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host, non-TPU).")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host, non-TPU).")
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host, non-TPU).")
+HEARTBEAT_TIMEOUT = flags.DEFINE_float(
+    "heartbeat_timeout_s", 30.0, "Multi-host: seconds without a heartbeat after which a process counts as lost and "
+    "the others exit (status 4) naming it (ctr/faults.py).")  # fmt: skip
 
 COMMAND = "ctr.train"
 REPO_ROOT = config.REPO_ROOT
@@ -59,7 +62,7 @@ def default_run_dir(gin_files: list[str]) -> str:
 
 def run_command(gin_files: list[str], gin_params: list[str], distributed: bool = False,
                 coordinator_address: str | None = None, num_processes: int | None = None,
-                process_id: int | None = None) -> int:  # fmt: skip
+                process_id: int | None = None, heartbeat_timeout_s: float = 30.0) -> int:  # fmt: skip
     """Parses the config and trains; returns the exit code (see the module docstring)."""
     import gin
 
@@ -73,19 +76,20 @@ def run_command(gin_files: list[str], gin_params: list[str], distributed: bool =
         except ValueError:
             run_dir = default_run_dir(gin_files)
         try:
-            if distributed or coordinator_address:
-                import jax
+            from ctr import faults
 
-                jax.distributed.initialize(
-                    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
-                )
+            heartbeats = None
+            if distributed or coordinator_address:
+                heartbeats = faults.initialize_distributed(coordinator_address, num_processes, process_id,
+                                                           heartbeat_timeout_s)  # fmt: skip
             from ctr import trainer
 
             with gin.unlock_config():
                 gin.bind_parameter("train.run_dir", run_dir)
             gin.finalize()
             try:
-                trainer.train()
+                with faults.lost_process_guard(heartbeats, expected=(trainer.TrainingDiverged,)):
+                    trainer.train()
             except trainer.TrainingDiverged as e:
                 logging.error("%s", e)
                 print(f"{COMMAND}: training diverged: {errors.one_line(e)}", file=sys.stderr, flush=True)
@@ -129,7 +133,7 @@ def main(argv: list[str]) -> int:
         os.chdir(os.environ["BUILD_WORKING_DIRECTORY"])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return run_command(FLAGS.value, PARAMS.value, DISTRIBUTED.value, COORDINATOR.value, NUM_PROCESSES.value,
-                       PROCESS_ID.value)  # fmt: skip
+                       PROCESS_ID.value, HEARTBEAT_TIMEOUT.value)  # fmt: skip
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

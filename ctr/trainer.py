@@ -25,7 +25,7 @@ import gin
 import jax
 import optax
 
-from ctr import checkpointing, config_checks, optimizers, preemption, mesh as mesh_lib
+from ctr import checkpointing, config_checks, faults, optimizers, preemption, mesh as mesh_lib
 from ctr import models as model_zoo
 from ctr.data import dataset as dataset_lib
 from ctr.data import schema as schema_lib
@@ -138,7 +138,8 @@ def train(
     num_params = train_state_lib.num_parameters(state, collection)
 
     os.makedirs(run_dir, exist_ok=True)  # only now: a config or data error above leaves no run directory
-    ckpt = checkpointing.Checkpointer(os.path.join(run_dir, "checkpoints"))
+    ckpt = checkpointing.Checkpointer(os.path.join(run_dir, "checkpoints"),
+                                      table_rows=checkpointing.logical_table_rows(collection))  # fmt: skip
     state, record = _restore(ckpt, state, run_dir, lead)
     train_step = make_train_step(module, tx, sparse_optimizer, shardings, mesh)
     evaluator = Evaluator(dataset, collection, module, sparse_optimizer, mesh, rules, shardings, eval_batch_size)
@@ -146,26 +147,28 @@ def train(
     start_step = step = int(state.step)
     run = _Run(run_dir, num_steps, batch_size, eval_every, ckpt, evaluator, record, lead=lead,
                writer=RunWriter(run_dir, start_step, num_steps) if lead else None, progress=progress,
-               start_step=start_step)  # fmt: skip
+               start_step=start_step, devices=mesh.size)  # fmt: skip
     examples_seen = int(record["examples_seen"])
     inputs = _device_inputs(dataset, collection, mesh, rules, batch_size, start_step, seed)
     prefetch = Prefetcher(inputs) if start_step < num_steps else None
     window = _LossWindow(step)
     try:
-        with preemption.StopSignal() as stop:
+        with preemption.StopSignal() as stop, faults.Watchdog(steps_per_sync=log_every) as watch:
             while step < num_steps:
                 batch, ids = prefetch.next()
                 state, loss = train_step(state, batch, ids)
                 window.add(loss)  # per-step work goes here: no host sync between boundaries
                 step += 1
                 examples_seen += batch_size
-                preempted = preemption.any_process(stop.requested)
+                watch.step_done(step)
                 boundary = (
-                    step % log_every == 0 or step == num_steps or ckpt.due(step) or preempted
+                    step % log_every == 0 or step == num_steps or ckpt.due(step)
                     or (eval_every and step % eval_every == 0)
                 )
-                if boundary:
-                    state = run.at_boundary(step, state, window, examples_seen, preempted)
+                if not boundary:
+                    continue
+                preempted = preemption.any_process(stop.requested)  # boundaries only: the same steps everywhere
+                state = run.at_boundary(step, state, window, examples_seen, preempted, watch)
                 if preempted:
                     return {"preempted_at_step": step}
     finally:
@@ -233,8 +236,9 @@ class _Run:
 
     def __init__(self, run_dir: str, num_steps: int, batch_size: int, eval_every: int,
                  ckpt: checkpointing.Checkpointer, evaluator: Evaluator, record: dict, *, lead: bool,
-                 writer: RunWriter | None, progress: bool, start_step: int):  # fmt: skip
+                 writer: RunWriter | None, progress: bool, start_step: int, devices: int):  # fmt: skip
         self.run_dir, self.num_steps, self.batch_size, self.eval_every = run_dir, num_steps, batch_size, eval_every
+        self.devices = devices  # the mesh's (a run may use fewer than jax.device_count(): make_mesh.num_devices)
         self.ckpt, self.evaluator, self.record, self.lead, self.writer = ckpt, evaluator, record, lead, writer
         if writer:
             writer.write_config()
@@ -244,7 +248,7 @@ class _Run:
         self.loop_start = time.time()
 
     def at_boundary(self, step: int, state: TrainState, window: _LossWindow, examples_seen: int,
-                    preempted: bool) -> TrainState:  # fmt: skip
+                    preempted: bool, watch: faults.Watchdog) -> TrainState:  # fmt: skip
         """Reads the loss (stops on NaN/Inf), logs, evaluates and checkpoints when due; after a preemption
         notice it saves and waits for the save (the loop then returns)."""
         mean_loss = float(window.sum) / window.count  # the only host sync between boundaries
@@ -258,16 +262,19 @@ class _Run:
         window.reset(step)
         window.start = now
         if self.eval_every and step % self.eval_every == 0 and step < self.num_steps:
-            state = self.evaluator.flush(state)
-            result = self.evaluator.evaluate(state, "valid")
+            with watch.phase("evaluation"):
+                state = self.evaluator.flush(state)
+                result = self.evaluator.evaluate(state, "valid")
             if self.writer:
                 self.writer.log(step, {f"valid/{k}": v for k, v in result.items()})
             self.bar.note(f"step {step}: valid auc {result['auc']:.4f} logloss {result['logloss']:.4f}")
             window.start = time.time()
         if self.ckpt.due(step) or step == self.num_steps or preempted:
-            self.ckpt.save(step, state, self._record(examples_seen))
+            with watch.phase("checkpoint save"):
+                self.ckpt.save(step, state, self._record(examples_seen))
         if preempted:
-            self.ckpt.wait()
+            with watch.phase("checkpoint save"):
+                self.ckpt.wait()
             if self.lead:
                 print(f"Stopped by SIGTERM at step {step}; checkpoint saved. Run again to resume.")
         return state
@@ -299,7 +306,7 @@ class _Run:
             "train_wall_s": train_wall,
             "wall_s_this_process": time.time() - start_wall,
             "num_params": num_params,
-            "devices": jax.device_count(),
+            "devices": self.devices,
             "processes": jax.process_count(),
         }
         state = self.evaluator.flush(state)
