@@ -67,10 +67,12 @@ def prepare(
     tmp_dir: str | None = None,
     emit: raw.Emit = logging.info,
     raw_files: Sequence[str] = (),
+    processing: object | None = None,
 ) -> dict:
     """Prepares ``dataset`` from ``raw_dir`` into ``out_dir`` (see the module docstring); returns the metadata.
 
-    The dataset's ``Processing`` (int buckets, vocabulary ``min_count``, TaobaoAds ``max_len``) comes from gin.
+    The dataset's ``Processing`` (int buckets, vocabulary ``min_count``, TaobaoAds ``max_len``) is ``processing``,
+    default the gin-bound one.
     ``raw_files`` (shell globs, ``--raw_files``) picks the inputs of a raw directory that holds more than one
     candidate. On any failure nothing is left in ``out_dir`` (a directory it creates is removed).
 
@@ -87,7 +89,7 @@ def prepare(
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise OutputExists(f"--out_dir={out_dir}: exists and is not a directory")
     module = DATASETS[dataset]
-    processing = _checked_processing(module)
+    processing = _checked_processing(module, processing)
     created = not os.path.exists(out_dir)
     try:
         return _prepare(module, dataset, raw_dir, out_dir, spec, processing, seed, max_bad_rows, shard_bytes,
@@ -168,9 +170,10 @@ def _prepare(
     return metadata
 
 
-def _checked_processing(module: types.ModuleType) -> object:
-    """The dataset's gin-bound ``Processing``, each field of its default's type (gin passes any value)."""
-    processing = module.Processing()
+def _checked_processing(module: types.ModuleType, processing: object | None = None) -> object:
+    """``processing`` (default the dataset's gin-bound ``Processing``), each field of its default's type (gin
+    passes any value)."""
+    processing = module.Processing() if processing is None else processing
     for field in dataclasses.fields(processing):
         value = getattr(processing, field.name)
         if type(value) is not type(field.default) and not (type(field.default) is float and type(value) is int):

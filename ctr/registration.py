@@ -2,4 +2,4 @@
 import embeddings  # noqa: F401  (build_collection, families, lookup options, sparse optimizers, towers)
 from ctr import checkpointing, optimizers, sharding, trainer  # noqa: F401
 from ctr import models  # noqa: F401  (every registered model)
-from ctr.data import dataset, prepared  # noqa: F401
+from ctr.data import dataset, prepared, tfds_input  # noqa: F401
