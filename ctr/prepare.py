@@ -372,6 +372,9 @@ def _define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string("valid", None, "time split: 'half' (a random half of the test day), 'test' (valid = test) or a "
                         "day; default half (TaobaoAds: test, as BARS).", flag_values=fv)  # fmt: skip
     flags.DEFINE_integer("seed", 0, "Shuffle and split seed.", flag_values=fv)
+    flags.DEFINE_enum("format", "numpy", ["numpy", "tfds"], "numpy: shards for prepared(data_dir=out_dir); tfds: "
+                      "the same examples as a TFDS dataset (ArrayRecord) in the TFDS data_dir out_dir, for "
+                      "tfds_dataset.", flag_values=fv)  # fmt: skip
     flags.DEFINE_integer("max_bad_rows", 0, "Bad rows to skip (and count) before failing; 0: the first bad row fails.",
                          flag_values=fv)  # fmt: skip
     flags.DEFINE_integer("shard_mib", 512, "Target shard (and shuffle bucket, i.e. memory) size in MiB.",
@@ -438,8 +441,14 @@ def run(fv: flags.FlagValues) -> int:
         def emit(line: str) -> None:
             print(line, file=sys.stderr, flush=True)
 
-        prepare(fv.dataset, _resolve(fv.raw_dir), _resolve(fv.out_dir), spec, fv.seed, fv.max_bad_rows,
+        args = (fv.dataset, _resolve(fv.raw_dir), _resolve(fv.out_dir), spec, fv.seed, fv.max_bad_rows,
                 fv.shard_mib << 20, fv.threads, fv.tmp_dir and _resolve(fv.tmp_dir), emit, fv.raw_files)  # fmt: skip
+        if fv.format == "tfds":  # this prepare, staged, written as a TFDS dataset (ctr/data/tfds_builders.py)
+            from ctr.data import tfds_builders
+
+            tfds_builders.prepare(*args, processing=_checked_processing(DATASETS[fv.dataset]))
+        else:
+            prepare(*args)
     except errors.UserError as e:
         return errors.report("ctr.prepare", e)
     return errors.EXIT_OK

@@ -21,9 +21,11 @@ reason under ``max_bad_rows``) of the build.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -32,8 +34,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 from etils import epath
 
+from ctr import errors
 from ctr.data import avazu, criteo, raw, splits, taobao
 from ctr.data import schema as schema_lib
 
@@ -330,9 +334,30 @@ class _CtrBuilder(tfds.core.GeneratorBasedBuilder):
 
 
 def _log(line: str) -> None:
-    import logging
-
     logging.info(line)
+
+
+@contextlib.contextmanager
+def _quiet_tfds(quiet: bool) -> Iterator[None]:
+    """With ``quiet``: no TFDS progress bars, and TFDS's absl log lines below errors held back (the command
+    prints ctr.prepare's progress instead)."""
+    if not quiet:
+        yield
+        return
+    tfds.disable_progress_bar()
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
+
+
+def _remove_empty(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 class CtrCriteo(_CtrBuilder):
@@ -394,29 +419,54 @@ class CtrTaobao(_CtrBuilder):
 BUILDERS: dict[str, type[_CtrBuilder]] = {"criteo": CtrCriteo, "avazu": CtrAvazu, "taobao": CtrTaobao}
 
 
-def build(
+class AlreadyBuilt(errors.UserError, FileExistsError):
+    """The TFDS data directory already holds this dataset, config and version."""
+
+
+def prepare(
     dataset: str,
     raw_dir: str,
-    data_dir: str,
-    config: CtrConfig,
-    threads: int = 2,
+    out_dir: str,
+    spec: splits.SplitSpec,
+    seed: int = 0,
+    max_bad_rows: int = 0,
     shard_bytes: int = 512 << 20,
+    threads: int = 2,
     tmp_dir: str | None = None,
     emit: raw.Emit | None = None,
+    raw_files: Sequence[str] = (),
+    processing: object | None = None,
 ) -> tfds.core.DatasetBuilder:
-    """Builds ``dataset`` from ``raw_dir`` into the TFDS ``data_dir`` under ``config``; returns the builder.
+    """``ctr.prepare --format=tfds``: builds ``dataset`` from ``raw_dir`` as a TFDS dataset in the TFDS data
+    directory ``out_dir``, under the config of these options (:func:`config_for`); returns the builder.
 
-    Progress goes to ``emit`` as ``ctr.prepare`` prints it (TFDS's own progress bars are turned off).
+    The arguments are :func:`ctr.prepare.prepare`'s (``processing`` default: the Processing defaults).
+    Progress goes to ``emit`` as ``ctr.prepare`` prints it (TFDS's own progress bars are turned off), ending
+    with the ``tfds_dataset`` bindings to train on the result.
+
+    Raises:
+      errors.UserError: what :func:`ctr.prepare.prepare` raises; :class:`AlreadyBuilt`; a failed write.
     """
-    builder = BUILDERS[dataset](config=config, data_dir=data_dir, emit=emit, tmp_dir=tmp_dir, threads=threads,
-                                shard_bytes=shard_bytes)  # fmt: skip
-    if builder.is_prepared():
-        raise FileExistsError(f"{builder.data_dir}: already built (remove it to build again)")
-    if emit is not None:
-        tfds.disable_progress_bar()
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            manual_dir=raw_dir, compute_stats=tfds.download.ComputeStatsMode.SKIP
-        )
+    BUILDERS[dataset].MODULE.input_files(raw_dir, raw_files)  # the reader's own check, before TFDS's
+    config = config_for(dataset, spec, seed, max_bad_rows, processing, raw_files)
+    with _quiet_tfds(emit is not None):
+        builder = BUILDERS[dataset](config=config, data_dir=out_dir, emit=emit, tmp_dir=tmp_dir, threads=threads,
+                                    shard_bytes=shard_bytes)  # fmt: skip
+        if builder.is_prepared():
+            raise AlreadyBuilt(f"{builder.data_dir}: already built (remove it to build again)")
+        try:
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(
+                    manual_dir=raw_dir, compute_stats=tfds.download.ComputeStatsMode.SKIP
+                )
+            )
+        except OSError as e:
+            raise errors.UserError(f"{e.filename or builder.data_dir}: {e.strerror or e}") from e
+        finally:
+            if not builder.is_prepared():  # TFDS removes its incomplete files; an empty config folder stays
+                _remove_empty(os.path.dirname(os.fspath(builder.data_dir)))
+    (emit or _log)(
+        f"{dataset}: TFDS dataset in {builder.data_dir}; train on it with train.dataset_fn = @tfds_dataset, "
+        f'tfds_dataset.name = "{builder.name}/{config.name}", tfds_dataset.data_dir = "{out_dir}"'
     )
     return builder

@@ -82,6 +82,8 @@ class TfdsDataset:
         if not builder.is_prepared():
             raise NotBuilt(f"{where}: {builder.data_dir} is not built; {build}")
         self.data_dir = os.fspath(builder.data_dir)
+        # What is on disk (features.json, dataset_info.json), not what the registered builder code declares.
+        builder = tfds.builder_from_directory(self.data_dir)
         info = builder.info
         expected_version = version or tfds_builders.BUILDER_VERSION
         if str(info.version) != expected_version:

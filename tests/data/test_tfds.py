@@ -1,0 +1,190 @@
+"""TFDS builders and tfds_dataset: raw files -> TFDS -> the very examples and order of the numpy shards."""
+import json
+import os
+import subprocess
+import sys
+
+import gin
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from ctr import prepare
+from ctr.data import avazu, criteo, prepared, splits, taobao, tfds_builders, tfds_input
+from ctr.data import schema as schema_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _criteo_raw(raw_dir):
+    """Synthetic Criteo with one bad row (kept out under max_bad_rows=1)."""
+    criteo.write_synthetic(str(raw_dir / "train.txt"), 1500, seed=5)
+    lines = (raw_dir / "train.txt").read_text().splitlines()
+    lines[7] = "7" + lines[7][1:]  # bad label
+    (raw_dir / "train.txt").write_text("\n".join(lines) + "\n")
+
+
+# dataset, raw writer, split spec, seed, max_bad_rows, gin bindings of its Processing.
+CASES = {
+    "criteo": (_criteo_raw, splits.SplitSpec(), 3, 1, {"criteo.Processing.min_count": 3}),
+    "avazu": (lambda d: avazu.write_synthetic(str(d / "train.csv"), 1200, seed=1, days=3),
+              splits.SplitSpec("time"), 0, 0, {}),  # fmt: skip
+    "taobao": (lambda d: taobao.write_synthetic(str(d), num_users=60, seed=2),
+               splits.SplitSpec("time", test_day=taobao.TEST_DAY, valid="test"), 1, 0, {}),  # fmt: skip
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def built(request, tmp_path_factory):
+    """(dataset, numpy prepared dir, TFDS builder) of one dataset, both made from the same raw files with the
+    same options by their own entry points."""
+    dataset = request.param
+    write, spec, seed, max_bad_rows, bindings = CASES[dataset]
+    root = tmp_path_factory.mktemp(dataset)
+    (root / "raw").mkdir()
+    write(root / "raw")
+    gin.clear_config()
+    with gin.unlock_config():
+        for key, value in bindings.items():
+            gin.bind_parameter(key, value)
+    try:
+        prepare.prepare(dataset, str(root / "raw"), str(root / "numpy"), spec, seed, max_bad_rows, 100_000)
+        processing = prepare.DATASETS[dataset].Processing()
+    finally:
+        gin.clear_config()
+    lines = []
+    builder = tfds_builders.prepare(dataset, str(root / "raw"), str(root / "tfds"), spec, seed, max_bad_rows,
+                                    100_000, emit=lines.append, processing=processing)  # fmt: skip
+    assert any(line.startswith("writing TFDS train: ") and line.endswith("(done)") for line in lines), lines
+    return dataset, str(root / "numpy"), builder
+
+
+def _numpy_split(data_dir, split):
+    data = prepared.prepared(data_dir)
+    return next(data.eval_batches(split, data.num_rows(split)))[0], data.schema
+
+
+def test_every_example_equals_the_numpy_row(built):
+    """TFDS's own per-example decoding (tfds.data_source) against the numpy shards, split by split, row by row."""
+    dataset, numpy_dir, builder = built
+    metadata = prepared.read_metadata(numpy_dir)
+    expected_splits = {"train", "test"} | (set() if metadata["valid_is_test"] else {"validation"})
+    assert set(builder.info.splits) == expected_splits
+    for ours, theirs in tfds_builders.SPLIT_NAMES.items():
+        if theirs not in expected_splits:
+            continue
+        batch, schema = _numpy_split(numpy_dir, ours)
+        source = tfds.data_source(builder.name + "/" + builder.builder_config.name, split=theirs,
+                                  data_dir=os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir))))  # fmt: skip
+        assert len(source) == len(batch["label"]) == metadata["splits"][ours]["rows"] > 0
+        for i, example in enumerate(source):
+            assert example["label"] == batch["label"][i]
+            if schema.dense:
+                np.testing.assert_array_equal(example["dense"], batch["dense"][i])
+            for name in schema.categorical:
+                assert example[name] == batch[name][i], (ours, i, name)
+            for seq in schema.sequences:
+                np.testing.assert_array_equal(example[seq.name], batch[seq.name][i])
+                np.testing.assert_array_equal(example[tfds_builders.HISTORY_MASK], batch[seq.mask_key][i])
+            if schema.sequences:
+                assert example[tfds_builders.HISTORY_LENGTH] == batch[schema.sequences[0].mask_key][i].sum()
+            if schema.group_key:
+                assert example["group"] == batch["group"][i]
+    if dataset == "taobao":  # the sequences are not all padding, nor all full
+        lengths = batch[schema.sequences[0].mask_key].sum(axis=1)
+        assert lengths.min() < 50 and lengths.max() > 0
+
+
+def test_metadata_has_the_row_accounting_and_options(built):
+    dataset, numpy_dir, builder = built
+    with open(os.path.join(numpy_dir, prepared.ACCOUNTING)) as f:
+        accounting = json.load(f)
+    # Read back from the directory, as a user of the dataset would.
+    stored = tfds.builder_from_directory(builder.data_dir).info.metadata["ctr"]
+    assert stored["accounting"] == accounting
+    numpy_meta = prepared.read_metadata(numpy_dir)
+    for key in ("schema", "split", "processing", "vocab", "valid_is_test"):
+        assert stored[key] == numpy_meta[key], key
+    if dataset == "criteo":
+        assert accounting["rows_rejected"] == {"criteo": {"bad_label": 1}}
+        assert stored["processing"]["min_count"] == 3 and stored["vocab"]["min_count"] == 3
+    info = builder.info
+    assert info.homepage.startswith("https://") and "@" in info.citation
+    assert info.features["label"].doc.desc and all(
+        info.features[k].doc.desc for k in info.features.keys()
+    )  # every feature documented
+    assert "manual_dir" in type(builder).MANUAL_DOWNLOAD_INSTRUCTIONS
+
+
+def test_batches_and_order_equal_the_numpy_shards(built):
+    """tfds_dataset's batch-first decoding and (seed, step) order against prepared(): eval batches, training
+    batches across an epoch boundary, a resumed start and per-host slices."""
+    _, numpy_dir, builder = built
+    data_dir = os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir)))
+    ours = tfds_input.tfds_dataset(f"{builder.name}/{builder.builder_config.name}", data_dir)
+    theirs = prepared.prepared(numpy_dir)
+    assert ours.schema == theirs.schema
+    for split in splits.NAMES:
+        assert ours.num_rows(split) == theirs.num_rows(split)
+        for (a, ra), (b, rb) in zip(ours.eval_batches(split, 96, 1, 2), theirs.eval_batches(split, 96, 1, 2)):
+            _same_batch(a, b)
+            assert ra == rb
+    batch = 64
+    steps = theirs.steps_per_epoch(batch)
+    for start in (0, steps - 1):
+        for process in (0, 1):
+            pairs = zip(ours.train_batches(batch, start, 7, process, 2), theirs.train_batches(batch, start, 7, process, 2))
+            for _, (a, b) in zip(range(3), pairs):
+                _same_batch(a, b)
+
+
+def _same_batch(a, b):
+    assert set(a) == set(b)
+    for key in b:
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_mismatches_are_clear_errors(built, tmp_path):
+    dataset, _, builder = built
+    data_dir = os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir)))
+    name = f"{builder.name}/{builder.builder_config.name}"
+    with pytest.raises(tfds_input.NotBuilt, match="no such TFDS dataset.*--format=tfds"):
+        tfds_input.tfds_dataset(f"{builder.name}/random-00000000", data_dir)
+    with pytest.raises(tfds_input.Mismatch, match=r"builder version 1\.0\.0, the config expects 2\.0\.0"):
+        tfds_input.tfds_dataset(name, data_dir, version="2.0.0")
+    field = {"criteo": "int_buckets", "avazu": "min_count", "taobao": "max_len"}[dataset]
+    with pytest.raises(tfds_input.Mismatch, match=rf"Processing\.{field} = .*, the config expects 7"):
+        tfds_input.tfds_dataset(name, data_dir, processing={field: 7})
+    with pytest.raises(tfds_input.NotBuilt, match="split 'nope'.*tfds_dataset.train_split"):
+        tfds_input.tfds_dataset(name, data_dir, train_split="nope")
+    # Features that are not what this code reads for the stored schema (e.g. built by an edited builder).
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(data_dir, copy)
+    variant = copy / os.path.relpath(builder.data_dir, data_dir)
+    features = json.loads((variant / "features.json").read_text())
+    features["featuresDict"]["features"].pop("label")
+    (variant / "features.json").write_text(json.dumps(features))
+    with pytest.raises(tfds_input.Mismatch, match=r"features do not match .*label: stored absent"):
+        tfds_input.tfds_dataset(name, str(copy))
+
+
+def test_cli_builds_tfds_with_the_numpy_progress(tmp_path):
+    raw_dir = tmp_path / "raw"
+    raw_dir.mkdir()
+    avazu.write_synthetic(str(raw_dir / "train.csv"), 400, seed=3)
+    env = dict(os.environ, BUILD_WORKING_DIRECTORY=str(tmp_path), PYTHONPATH=REPO)
+    cmd = [sys.executable, "-m", "ctr.prepare", "--format=tfds", "--dataset=avazu", "--raw_dir=raw", "--out_dir=tfds",
+           "--seed=4"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "rows/s" in done.stderr and "rows written" in done.stderr and "writing TFDS train:" in done.stderr
+    config = tfds_builders.config_for("avazu", splits.SplitSpec(), seed=4)
+    assert f'tfds_dataset.name = "ctr_avazu/{config.name}"' in done.stderr
+    assert config.name.startswith("random-") and tfds_builders.config_for("avazu", splits.SplitSpec()).name == "random"
+    data = tfds_input.tfds_dataset(f"ctr_avazu/{config.name}", str(tmp_path / "tfds"))
+    assert sum(data.num_rows(s) for s in splits.NAMES) == 400
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "already built" in again.stderr.strip().splitlines()[-1]
