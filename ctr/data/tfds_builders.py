@@ -9,7 +9,9 @@ order as ArrayRecord (random access), with ``disable_shuffling`` so TFDS index `
 same rows from either format. The staging directory (about the prepared size) is removed when the build ends.
 
     bazel run //ctr:prepare -- --format=tfds --dataset=criteo --raw_dir=/data/criteo_raw --out_dir=/data/tfds
-    tfds build ctr_criteo --imports=ctr.data.tfds_builders --manual_dir=/data/criteo_raw   (default configs)
+    # or through the TFDS API (default configs; the `tfds build` command needs apache-beam, not in the lock):
+    tfds.builder("ctr_criteo/random", data_dir=...).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir="/data/criteo_raw"))   # after import ctr.data.tfds_builders
 
 Configs: one per set of split options (the ``ctr.prepare`` flags) and ``Processing`` values. The defaults are
 ``random`` (Criteo, Avazu: 8:1:1, seed 0), ``time`` (all three: ``ctr.prepare``'s default time split) with the

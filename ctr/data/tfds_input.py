@@ -184,7 +184,7 @@ def tfds_dataset(
     version: str | None = None,
     processing: dict[str, Any] | None = None,
 ) -> TfdsDataset:
-    """A dataset built by ``ctr.prepare --format=tfds`` (or ``tfds build``), read through ``tfds.data_source``.
+    """A dataset built by ``ctr.prepare --format=tfds`` (or the TFDS API), read through ``tfds.data_source``.
 
     Args:
       name: TFDS name, ``ctr_<dataset>/<config>[:<version>]`` (``--format=tfds`` prints it).
