@@ -237,7 +237,8 @@ class _CtrBuilder(tfds.core.GeneratorBasedBuilder):
 
     Extra constructor arguments (``tfds.builder(name, ..., emit=print)``): ``emit`` (progress lines, as
     ``ctr.prepare`` prints them; default logging), ``tmp_dir`` (staging and temporary files; default under the
-    data directory), ``threads`` (parser threads), ``shard_bytes`` (prepare's shuffle bucket size).
+    data directory, or the system's temporary directory for an object-store ``data_dir``), ``threads`` (parser
+    threads), ``shard_bytes`` (prepare's shuffle bucket size).
     """
 
     MODULE: types.ModuleType
@@ -285,6 +286,8 @@ class _CtrBuilder(tfds.core.GeneratorBasedBuilder):
 
         config = self.builder_config
         root = self._tmp_dir or os.fspath(self._data_dir_root)
+        if "://" in root:  # an object store (gs://...): numpy stages on a local disk
+            root = tempfile.gettempdir()
         os.makedirs(root, exist_ok=True)
         self._staging = tempfile.mkdtemp(prefix=f".{self.name}-staging-", dir=root)
         metadata = prepare.prepare(

@@ -188,3 +188,26 @@ def test_cli_builds_tfds_with_the_numpy_progress(tmp_path):
     assert sum(data.num_rows(s) for s in splits.NAMES) == 400
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already built" in again.stderr.strip().splitlines()[-1]
+
+
+def test_cli_bad_row_is_one_line_and_leaves_no_staging(tmp_path):
+    raw_dir = tmp_path / "raw"
+    raw_dir.mkdir()
+    criteo.write_synthetic(str(raw_dir / "train.txt"), 50, seed=1)
+    lines = (raw_dir / "train.txt").read_text().splitlines()
+    lines[9] = "7" + lines[9][1:]
+    (raw_dir / "train.txt").write_text("\n".join(lines) + "\n")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    done = subprocess.run(
+        [sys.executable, "-m", "ctr.prepare", "--format=tfds", "--dataset=criteo", f"--raw_dir={raw_dir}",
+         f"--out_dir={tmp_path / 'tfds'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"ctr.prepare: error: {raw_dir}/train.txt:10: field label: label must be 0 or 1, got b'7'"
+    )
+    left = [os.path.relpath(os.path.join(d, n), tmp_path / "tfds") for d, ds, fs in os.walk(tmp_path / "tfds")
+            for n in ds + fs]  # fmt: skip
+    assert not any("staging" in p or p.endswith(".array_record") or "incomplete" in p for p in left), left
+    assert not (tmp_path / "tfds" / "ctr_criteo" / "random").exists()
