@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -40,7 +41,7 @@ from absl import logging as absl_logging
 from etils import epath
 
 from ctr import errors
-from ctr.data import avazu, criteo, raw, splits, taobao
+from ctr.data import avazu, criteo, raw, splits, taobao, tfds_records
 from ctr.data import schema as schema_lib
 
 BUILDER_VERSION = "1.0.0"
@@ -48,7 +49,8 @@ FORMAT_VERSION = 1  # of metadata["ctr"], read by ctr.data.tfds_input
 SPLIT_NAMES = {splits.TRAIN: "train", splits.VALID: "validation", splits.TEST: "test"}  # ctr -> TFDS
 HISTORY_LENGTH = "history_length"
 HISTORY_MASK = "history_mask"
-_CHUNK_ROWS = 4096  # rows read from the staged shards at a time while writing
+_CHUNK_ROWS = 16384  # rows read from the staged shards and serialized at a time while writing
+VOCAB_DIR = "vocab"  # in the version folder: the staged vocab/ as ctr.data.vocab saves it
 
 
 @dataclasses.dataclass(eq=False)
@@ -280,7 +282,9 @@ class _CtrBuilder(tfds.core.GeneratorBasedBuilder):
             disable_shuffling=True,  # TFDS index i of a split = prepared row i: the order rule needs it
         )
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    def _stage(self, dl_manager: tfds.download.DownloadManager) -> tuple[Any, list[str]]:
+        """Runs ``ctr.prepare`` into the staging directory, records its metadata in ``self.info``; returns the
+        staged dataset (:func:`ctr.data.prepared.prepared`) and the ctr splits to write."""
         from ctr import prepare  # ctr.prepare imports this module for --format=tfds
         from ctr.data import prepared
 
@@ -307,14 +311,17 @@ class _CtrBuilder(tfds.core.GeneratorBasedBuilder):
             "accounting": metadata["accounting"],
         }
         data = prepared.prepared(os.path.join(self._staging, "prepared"))
-        names = [s for s in splits.NAMES if not (s == splits.VALID and metadata["valid_is_test"])]
+        return data, [s for s in splits.NAMES if not (s == splits.VALID and metadata["valid_is_test"])]
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        # TFDS's own per-example writer: only for what the bulk writer does not do (see _download_and_prepare).
+        data, names = self._stage(dl_manager)
         return {SPLIT_NAMES[s]: self._generate_examples(data, s) for s in names}
 
-    def _generate_examples(self, data, split: str) -> Iterator[tuple[int, dict]]:
-        """(row index, example) of the staged ``split`` in its stored order."""
+    def _columns(self, data, split: str) -> Iterator[dict[str, np.ndarray]]:
+        """The staged ``split`` in its stored order, as chunks of the TFDS features' columns."""
         schema = data.schema
         progress = raw.Progress(f"writing TFDS {SPLIT_NAMES[split]}", None, self._emit or _log)
-        row = 0
         for batch, real in data.eval_batches(split, _CHUNK_ROWS):
             columns = {key: batch[key][:real] for key in (schema_lib.LABEL, schema_lib.DENSE, schema_lib.GROUP,
                                                           *schema.categorical, *(s.name for s in schema.sequences))
@@ -324,18 +331,58 @@ class _CtrBuilder(tfds.core.GeneratorBasedBuilder):
                 mask = batch[schema.sequences[0].mask_key][:real]
                 columns[HISTORY_MASK] = mask
                 columns[HISTORY_LENGTH] = mask.sum(axis=1, dtype=np.int32)
-            for i in range(real):
-                yield row + i, {key: value[i] for key, value in columns.items()}
-            row += real
+            yield columns
             progress.update(real)
         progress.done()
 
+    def _generate_examples(self, data, split: str) -> Iterator[tuple[int, dict]]:
+        """(row index, example) of the staged ``split`` in its stored order."""
+        row = 0
+        for columns in self._columns(data, split):
+            real = len(columns[schema_lib.LABEL])
+            for i in range(real):
+                yield row + i, {key: value[i] for key, value in columns.items()}
+            row += real
+
+    def _write_split(self, data, split: str, shard_config) -> tfds.core.SplitInfo:
+        """Writes the staged ``split`` as TFDS's ArrayRecord shards with the bulk serializer
+        (:mod:`ctr.data.tfds_records`); returns its SplitInfo."""
+        name = SPLIT_NAMES[split]
+        rows = data.num_rows(split)
+        encoder = tfds_records.ExampleEncoder(self.info.features)
+        chunks = (encoder.encode(columns) for columns in self._columns(data, split))
+        first = next(chunks)  # its bytes per row size the shards (TFDS's rule: about 1 GiB or less each)
+        estimate = int(len(first[0]) / max(len(first[1]) - 1, 1) * rows)
+        num_shards = min(shard_config.get_number_shards(estimate, rows), rows)
+        shard_rows = np.diff([0, *tfds.core.utils.shard_utils.get_shard_boundaries(rows, num_shards)]).tolist()
+        template = self._get_filename_template(split_name=name)
+        paths = template.sharded_filepaths(num_shards)
+        total = tfds_records.write_shards(paths, shard_rows, itertools.chain([first], chunks))
+        return tfds.core.SplitInfo(name=name, shard_lengths=shard_rows, num_bytes=total, filename_template=template)
+
     def _download_and_prepare(self, dl_manager, download_config=None):
         try:
-            return super()._download_and_prepare(dl_manager, download_config)
+            if (self.info.file_format != tfds.core.FileFormat.ARRAY_RECORD
+                    or download_config.max_examples_per_split is not None):  # fmt: skip
+                super()._download_and_prepare(dl_manager, download_config)
+            else:
+                data, names = self._stage(dl_manager)
+                shard_config = download_config.get_shard_config()
+                self.info.set_splits(tfds.core.SplitDict([self._write_split(data, s, shard_config) for s in names]))
+            self._copy_vocabulary()
         finally:
             if self._staging:
                 shutil.rmtree(self._staging, ignore_errors=True)
+
+    def _copy_vocabulary(self) -> None:
+        """The staged ``vocab/`` (kept values per vocabulary) into the dataset's version folder, next to its
+        shards, for ``vocabularies(tfds_name=...)``."""
+        staged = epath.Path(self._staging) / "prepared" / VOCAB_DIR
+        if not self.info.metadata["ctr"]["vocab"]:
+            return
+        (self.data_path / VOCAB_DIR).mkdir(parents=True, exist_ok=True)
+        for path in staged.iterdir():
+            path.copy(self.data_path / VOCAB_DIR / path.name)
 
 
 def _log(line: str) -> None:
