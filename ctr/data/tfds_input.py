@@ -56,6 +56,68 @@ def _describe(features: Any) -> dict[str, tuple]:
     return {k: (tuple(v.shape), np.dtype(v.np_dtype).name) for k, v in features.get_tensor_info().items()}
 
 
+def _open(name: str, data_dir: str | None, version: str | None, arg: str = "tfds_dataset") -> tuple[Any, dict]:
+    """(builder read from the dataset's directory, its ``metadata["ctr"]``) of a complete build whose builder
+    version and ctr metadata format are the expected ones."""
+    import tensorflow_datasets as tfds
+
+    from ctr.data import tfds_builders
+
+    where = f"{arg}: name={name!r}, data_dir={data_dir!r}"
+    build = (f"build it with `bazel run //ctr:prepare -- --format=tfds --dataset=... --raw_dir=... "
+             f"--out_dir={data_dir or '<data_dir>'}`")  # fmt: skip
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # TFDS raises ValueError, DatasetNotFoundError, ... with long texts
+        raise NotBuilt(f"{where}: no such TFDS dataset ({errors.one_line(e, 300)}); {build}") from e
+    if not builder.is_prepared():
+        raise NotBuilt(f"{where}: {builder.data_dir} is not built; {build}")
+    # What is on disk (features.json, dataset_info.json), not what the registered builder code declares.
+    path = os.fspath(builder.data_dir)
+    builder = tfds.builder_from_directory(path)
+    info = builder.info
+    expected_version = version or tfds_builders.BUILDER_VERSION
+    if str(info.version) != expected_version:
+        raise Mismatch(f"{path}: builder version {info.version}, the config expects {expected_version} "
+                       f"(tfds_dataset.version); rebuild it, or pin the version in tfds_dataset.name")  # fmt: skip
+    meta = dict(info.metadata or {}).get("ctr")
+    if not isinstance(meta, dict) or meta.get("format_version") != tfds_builders.FORMAT_VERSION:
+        got = meta.get("format_version") if isinstance(meta, dict) else None
+        raise Mismatch(f"{path}: ctr metadata format {got}, expected {tfds_builders.FORMAT_VERSION} "
+                       "(not built by ctr.data.tfds_builders, or by another version; rebuild it)")  # fmt: skip
+    return builder, meta
+
+
+def vocabulary(name: str, data_dir: str | None) -> tuple[dict[str, np.ndarray], schema_lib.FeatureSchema]:
+    """(vocabulary name -> sorted int64 kept values, schema) of a TFDS build, as ``ctr.prepare`` kept them (the
+    build copies its ``vocab/`` into the version folder); for ``vocabularies(tfds_name=...)``.
+
+    Raises:
+      NotBuilt, Mismatch: as :func:`tfds_dataset`; ValueError: built without a vocabulary.
+    """
+    import io
+    import json
+
+    from etils import epath
+
+    from ctr.data import tfds_builders
+
+    builder, meta = _open(name, data_dir, None, arg="vocabularies")
+    folder = epath.Path(builder.data_dir) / tfds_builders.VOCAB_DIR
+    if not meta.get("vocab"):
+        raise ValueError(f"{builder.data_dir} was built without a vocabulary (set the dataset's Processing.min_count)")
+    try:
+        sizes = json.loads((folder / "vocab.json").read_text())["sizes"]
+        kept = {v: np.load(io.BytesIO((folder / f"{v}.npy").read_bytes())) for v in sizes}
+    except OSError as e:
+        raise NotBuilt(f"{folder}: {e} (built before builds kept their vocabulary; rebuild it)") from e
+    for v, values in kept.items():
+        if len(values) + 1 != sizes[v] or sizes[v] != meta["vocab"]["sizes"].get(v):
+            raise Mismatch(f"{folder}/{v}.npy: {len(values)} kept values, the dataset's metadata says "
+                           f"{meta['vocab']['sizes'].get(v)} rows (kept + OOV); rebuild it")  # fmt: skip
+    return kept, prepared_lib.schema_from_json(meta["schema"])
+
+
 class TfdsDataset:
     """A TFDS-built ctr dataset behind the trainer's Dataset interface (see the module docstring).
 
@@ -72,28 +134,9 @@ class TfdsDataset:
         from ctr.data import tfds_builders
 
         allocator.keep_freed_memory()
-        where = f"tfds_dataset.name={name!r}, data_dir={data_dir!r}"
-        build = (f"build it with `bazel run //ctr:prepare -- --format=tfds --dataset=... --raw_dir=... "
-                 f"--out_dir={data_dir or '<data_dir>'}`")  # fmt: skip
-        try:
-            builder = tfds.builder(name, data_dir=data_dir)
-        except Exception as e:  # TFDS raises ValueError, DatasetNotFoundError, ... with long texts
-            raise NotBuilt(f"{where}: no such TFDS dataset ({errors.one_line(e, 300)}); {build}") from e
-        if not builder.is_prepared():
-            raise NotBuilt(f"{where}: {builder.data_dir} is not built; {build}")
-        self.data_dir = os.fspath(builder.data_dir)
-        # What is on disk (features.json, dataset_info.json), not what the registered builder code declares.
-        builder = tfds.builder_from_directory(self.data_dir)
+        builder, meta = _open(name, data_dir, version)
         info = builder.info
-        expected_version = version or tfds_builders.BUILDER_VERSION
-        if str(info.version) != expected_version:
-            raise Mismatch(f"{self.data_dir}: builder version {info.version}, the config expects {expected_version} "
-                           f"(tfds_dataset.version); rebuild it, or pin the version in tfds_dataset.name")  # fmt: skip
-        meta = dict(info.metadata or {}).get("ctr")
-        if not isinstance(meta, dict) or meta.get("format_version") != tfds_builders.FORMAT_VERSION:
-            got = meta.get("format_version") if isinstance(meta, dict) else None
-            raise Mismatch(f"{self.data_dir}: ctr metadata format {got}, expected {tfds_builders.FORMAT_VERSION} "
-                           "(not built by ctr.data.tfds_builders, or by another version; rebuild it)")  # fmt: skip
+        self.data_dir = os.fspath(builder.data_dir)
         self.metadata = meta
         self.schema = prepared_lib.schema_from_json(meta["schema"])
         vocab = bool(meta.get("vocab"))

@@ -93,7 +93,7 @@ def _varints(values: np.ndarray) -> _Row:
     """One block: the varints of ``values`` ``[n, k]`` back to back (a packed repeated field's payload)."""
     n, k = values.shape
     row = _Row(n)
-    if 0 <= values.min() and values.max() < 0x80:  # one byte each, the value itself (lengths, small ids)
+    if not values.size or (0 <= values.min() and values.max() < 0x80):  # one byte each: the value (lengths, small ids)
         row.blocks.append((values.astype(np.uint8), None))
         row.length += k
         return row

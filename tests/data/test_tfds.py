@@ -30,7 +30,8 @@ CASES = {
     "avazu": (lambda d: avazu.write_synthetic(str(d / "train.csv"), 1200, seed=1, days=3),
               splits.SplitSpec("time"), 0, 0, {}),  # fmt: skip
     "taobao": (lambda d: taobao.write_synthetic(str(d), num_users=60, seed=2),
-               splits.SplitSpec("time", test_day=taobao.TEST_DAY, valid="test"), 1, 0, {}),  # fmt: skip
+               splits.SplitSpec("time", test_day=taobao.TEST_DAY, valid="test"), 1, 0,
+               {"taobao.Processing.min_count": 2}),  # fmt: skip
 }
 
 
@@ -93,6 +94,130 @@ def test_every_example_equals_the_numpy_row(built):
     if dataset == "taobao":  # the sequences are not all padding, nor all full
         lengths = batch[schema.sequences[0].mask_key].sum(axis=1)
         assert lengths.min() < 50 and lengths.max() > 0
+
+
+def _entries(record):
+    """{key: bytes of its map entry} of a serialized tf.train.Example, and the keys in record order."""
+
+    def varint(i):
+        value = shift = 0
+        while True:
+            value |= (record[i] & 0x7F) << shift
+            shift, i = shift + 7, i + 1
+            if not record[i - 1] & 0x80:
+                return value, i
+
+    assert record[0] == 0x0A
+    length, i = varint(1)
+    assert i + length == len(record)
+    entries = {}
+    while i < len(record):
+        start = i
+        assert record[i] == 0x0A
+        length, i = varint(i + 1)
+        end = i + length
+        assert record[i] == 0x0A
+        key_length, i = varint(i + 1)
+        entries[record[i : i + key_length].decode()] = record[start:end]
+        i = end
+    return entries
+
+
+def test_records_equal_tfds_own_encoder_byte_for_byte(built):
+    """The bulk serializer against TFDS's encoder and serializer, record by record: the same map entries,
+    byte for byte, and the same framing; written in sorted key order (protobuf's deterministic order)."""
+    from tensorflow_datasets.core import example_serializer
+
+    _, numpy_dir, builder = built
+    features = builder.info.features
+    serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
+    data = prepared.prepared(numpy_dir)
+    for split, theirs in tfds_builders.SPLIT_NAMES.items():
+        if theirs not in builder.info.splits:
+            continue
+        source = builder.as_data_source(split=theirs, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+        records = source.data_source.__getitems__(list(range(len(source))))
+        examples = list(builder._generate_examples(data, split))
+        assert len(examples) == len(records) > 0
+        for (i, example), ours in zip(examples, records):
+            reference = serializer.serialize_example(features.encode_example(example))
+            mine = _entries(ours)
+            assert list(mine) == sorted(mine), i
+            assert mine == _entries(reference) and len(ours) == len(reference) and ours[:4] == reference[:4], (split, i)
+
+
+def test_encoder_edge_values_equal_tfds_own():
+    """Values the datasets rarely hold: negative and 64-bit ints (10-byte varints), bools, int32, float
+    specials, a [0] tensor, sizes around the 1-byte length limit."""
+    from tensorflow_datasets.core import example_serializer
+
+    from ctr.data import tfds_records
+
+    features = tfds.features.FeaturesDict({
+        "a": tfds.features.Scalar(np.int64), "b": tfds.features.Tensor(shape=(3,), dtype=np.bool_),
+        "c": tfds.features.Tensor(shape=(31,), dtype=np.float32), "d": tfds.features.Scalar(np.int32),
+        "e": tfds.features.Tensor(shape=(0,), dtype=np.int64), "f": tfds.features.Tensor(shape=(70,), dtype=np.int64),
+    })  # fmt: skip
+    rng = np.random.default_rng(0)
+    n = 200
+    columns = {
+        "a": np.concatenate([[0, 1, -1, 127, 128, 2**63 - 1, -(2**63)], rng.integers(-(2**63), 2**63 - 1, n - 7)]),
+        "b": rng.random((n, 3)) < 0.5,
+        "c": np.where(rng.random((n, 31)) < 0.1, np.float32(np.nan), rng.normal(size=(n, 31))).astype(np.float32),
+        "d": rng.integers(-(2**31), 2**31 - 1, n).astype(np.int32),
+        "e": np.zeros((n, 0), np.int64),
+        "f": rng.integers(0, 2**62, (n, 70)) >> rng.integers(0, 62, (n, 70)),
+    }
+    columns["c"][:2, 0] = [-0.0, np.inf]
+    buf, offsets = tfds_records.ExampleEncoder(features).encode(columns)
+    serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
+    for i in range(n):
+        reference = serializer.serialize_example(features.encode_example({k: v[i] for k, v in columns.items()}))
+        ours = buf[offsets[i] : offsets[i + 1]]
+        assert _entries(ours) == _entries(reference) and len(ours) == len(reference), i
+    with pytest.raises(ValueError, match="'s'.*not fixed-shape"):
+        tfds_records.ExampleEncoder(tfds.features.FeaturesDict({"s": tfds.features.Text()}))
+
+
+def test_write_shards_splits_records_in_order(tmp_path):
+    from array_record.python import array_record_data_source
+
+    from ctr.data import tfds_records
+
+    records = [bytes([i % 251]) * (i % 7 + 1) for i in range(50)]
+    lengths = [len(r) for r in records]
+    chunks = [(b"".join(records[a:b]), np.cumsum([0, *lengths[a:b]])) for a, b in ((0, 13), (13, 40), (40, 50))]
+    paths = [str(tmp_path / f"s{i}") for i in range(3)]
+    assert tfds_records.write_shards(paths, [17, 17, 16], iter(chunks)) == sum(lengths)
+    read = [array_record_data_source.ArrayRecordDataSource([p]) for p in paths]
+    assert [len(r) for r in read] == [17, 17, 16]
+    assert [r[i] for r in read for i in range(len(r))] == records
+    with pytest.raises(ValueError, match="fewer records than the 51 planned"):
+        tfds_records.write_shards(paths, [17, 17, 17], iter(chunks))
+    with pytest.raises(ValueError, match="more records than the 49 planned"):
+        tfds_records.write_shards(paths, [17, 17, 15], iter(chunks))
+
+
+def test_vocabularies_equal_the_numpy_prepares(built):
+    """vocabularies(tfds_name=...) on the TFDS build = vocabularies() on the numpy shards, through gin."""
+    _, numpy_dir, builder = built
+    data_dir = os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir)))
+    name = f"{builder.name}/{builder.builder_config.name}"
+    if not prepared.read_metadata(numpy_dir)["vocab"]:
+        with pytest.raises(ValueError, match="built without a vocabulary"):
+            prepared.vocabularies(data_dir, tfds_name=name)
+        return
+    expected = prepared.vocabularies(numpy_dir)
+    gin.clear_config()
+    try:
+        gin.parse_config([f'vocabularies.data_dir = "{data_dir}"', f'vocabularies.tfds_name = "{name}"'])
+        got = prepared.vocabularies()
+    finally:
+        gin.clear_config()
+    assert set(got) == set(expected) and all(len(v) for v in expected.values())
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+        assert got[key].dtype == np.int64
 
 
 def test_metadata_has_the_row_accounting_and_options(built):
