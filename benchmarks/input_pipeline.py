@@ -11,10 +11,10 @@ then measures:
 (b) pipeline: ``ctr.prepare`` writes the prepared shards, then ``prepared(...).train_batches`` delivers host
     batches (numpy dicts in the trainer's batch layout) for ``--batches`` steps of ``--batch_size``; examples
     per second of wall time, for an exact row permutation (``block_rows=1``) and for block shuffling;
-(c) tfds: on a smaller raw file (``--tfds_<dataset>_rows``, as writing TFDS examples is slow), ``ctr.prepare
-    --format=tfds`` builds the TFDS dataset (its rows/s is printed), then host batches of the same
-    ``train_batches`` order from ``tfds_dataset`` (``tfds.data_source`` + one ``tf.io.parse_example`` per
-    batch), from the numpy shards of the same raw file, and, for reference, from ``tfds.data_source`` with
+(c) tfds: on a smaller raw file (``--tfds_<dataset>_rows``), ``ctr.prepare --format=tfds`` builds the TFDS
+    dataset (its rows/s and rows per CPU-second, beside the numpy prepare's of the same file), then host batches
+    of the same ``train_batches`` order from ``tfds_dataset`` (``tfds.data_source`` + one
+    ``tf.io.parse_example`` per batch), from the numpy shards of the same raw file, and, for reference, from ``tfds.data_source`` with
     TFDS's per-example decoding (``--tfds_per_example_batches`` batches).
 
 Each figure is the best of ``--repeats`` runs (wall clock), with the process's CPU use next to it (cores busy =
@@ -135,13 +135,19 @@ def _tfds(dataset: str, spec: splits.SplitSpec) -> None:
     numpy_dir, tfds_dir = raw_dir + "_prepared", raw_dir + "_tfds"
     shutil.rmtree(numpy_dir, ignore_errors=True)
     shutil.rmtree(tfds_dir, ignore_errors=True)
+    wall, cpu = time.perf_counter(), time.process_time()
     prepare.prepare(dataset, raw_dir, numpy_dir, spec, threads=FLAGS.threads, emit=lambda line: None)
-    start = time.time()
+    numpy_wall, numpy_cpu = time.perf_counter() - wall, time.process_time() - cpu
+    wall, cpu = time.perf_counter(), time.process_time()
     builder = tfds_builders.prepare(dataset, raw_dir, tfds_dir, spec, threads=FLAGS.threads, emit=lambda line: None)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     rows = sum(info.num_examples for info in builder.info.splits.values())
     name = f"{builder.name}/{builder.builder_config.name}"
-    print(f"{dataset}: (c) TFDS build of {rows:,} rows: {time.time() - start:.1f}s, {rows / (time.time() - start):,.0f} "
-          f"rows/s (load average {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
+    # The build is prepare (staged) + writing; CPU seconds are this process's (the parser threads included).
+    print(f"{dataset}: (c) TFDS build of {rows:,} rows: {wall:.1f}s, {rows / wall:,.0f} rows/s, {rows / cpu:,.0f} "
+          f"rows per CPU-s; numpy prepare of the same: {numpy_wall:.1f}s, {rows / numpy_wall:,.0f} rows/s, "
+          f"{rows / numpy_cpu:,.0f} rows per CPU-s; the TFDS writing alone: {rows / max(cpu - numpy_cpu, 1e-9):,.0f} "
+          f"rows per CPU-s (load average {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
     tfds_data = tfds_input.tfds_dataset(name, tfds_dir)
     for label, data in (("numpy shards", prepared.prepared(numpy_dir)), ("tfds_dataset (batch-first)", tfds_data)):
         rate = _best(_batches(data, FLAGS.tfds_batches), "examples")

@@ -21,29 +21,37 @@ NUM_STEPS, EVERY_STEPS = 60, 10
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """(numpy prepared dir, TFDS data dir, TFDS name): one synthetic Criteo file, prepared both ways."""
+    """(numpy prepared dir, TFDS data dir, TFDS name): one synthetic Criteo file, prepared both ways (with a
+    vocabulary)."""
     root = tmp_path_factory.mktemp("data")
     (root / "raw").mkdir()
     criteo.write_synthetic(str(root / "raw" / "train.txt"), 6000, seed=0)
     spec = splits.SplitSpec()
     gin.clear_config()
-    prepare.prepare("criteo", str(root / "raw"), str(root / "numpy"), spec, seed=1)
-    builder = tfds_builders.prepare("criteo", str(root / "raw"), str(root / "tfds"), spec, seed=1)
+    processing = criteo.Processing(min_count=2)
+    prepare.prepare("criteo", str(root / "raw"), str(root / "numpy"), spec, seed=1, processing=processing)
+    builder = tfds_builders.prepare("criteo", str(root / "raw"), str(root / "tfds"), spec, seed=1,
+                                    processing=processing)  # fmt: skip
     return str(root / "numpy"), str(root / "tfds"), f"{builder.name}/{builder.builder_config.name}"
 
 
-def _bindings(data, fmt):
+def _config(data, fmt):
+    """(gin files, bindings): TINY with per-feature tables indexed by the vocabulary, as the shipped configs
+    bind it (PerFeature.vocabularies = @vocabularies()); TFDS through configs/tfds.gin."""
     numpy_dir, tfds_dir, name = data
-    common = [f"train.num_steps = {NUM_STEPS}", f"Checkpointer.every_steps = {EVERY_STEPS}"]
+    files = [TINY, os.path.join(REPO, "configs", "embeddings", "per_feature.gin")]
+    common = [f"train.num_steps = {NUM_STEPS}", f"Checkpointer.every_steps = {EVERY_STEPS}",
+              "PerFeature.vocabularies = @vocabularies()"]  # fmt: skip
     if fmt == "numpy":
-        return common + ["train.dataset_fn = @prepared", f'prepared.data_dir = "{numpy_dir}"']
-    return common + ["train.dataset_fn = @tfds_dataset", f'tfds_dataset.name = "{name}"',
-                     f'tfds_dataset.data_dir = "{tfds_dir}"']  # fmt: skip
+        return files, common + ["train.dataset_fn = @prepared", f'prepared.data_dir = "{numpy_dir}"',
+                                f'vocabularies.data_dir = "{numpy_dir}"']  # fmt: skip
+    return files + [os.path.join(REPO, "configs", "tfds.gin")], common + [f'TFDS_NAME = "{name}"',
+                                                                          f'TFDS_DIR = "{tfds_dir}"']  # fmt: skip
 
 
-def _train(run_dir, bindings):
+def _train(run_dir, config):
     gin.clear_config()
-    train_cli.parse_config([TINY], bindings)
+    train_cli.parse_config(*config)
     try:
         return trainer.train(run_dir=str(run_dir))
     finally:
@@ -58,15 +66,17 @@ def _losses(run_dir):
 @pytest.fixture(scope="module")
 def tfds_run(data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tfds_run") / "run"
-    return run_dir, _train(run_dir, _bindings(data, "tfds"))
+    return run_dir, _train(run_dir, _config(data, "tfds"))
 
 
 def test_tfds_and_numpy_shards_train_to_identical_metrics(data, tfds_run, tmp_path):
+    """Same batches and the same vocabulary (the build's kept values, through configs/tfds.gin): the same run."""
     tfds_dir, from_tfds = tfds_run
-    from_numpy = _train(tmp_path / "run", _bindings(data, "numpy"))
+    from_numpy = _train(tmp_path / "run", _config(data, "numpy"))
     for split in ("valid", "test"):
         for key in ("auc", "logloss"):
             assert from_tfds[split][key] == from_numpy[split][key], (split, key)
+    assert from_tfds["test"]["auc"] > 0.5
     assert from_tfds["examples_seen"] == from_numpy["examples_seen"] == NUM_STEPS * 256
     assert _losses(tfds_dir) == _losses(tmp_path / "run")  # every logged train loss, bit for bit
 
@@ -74,8 +84,9 @@ def test_tfds_and_numpy_shards_train_to_identical_metrics(data, tfds_run, tmp_pa
 def test_sigkill_then_rerun_on_tfds_resumes_exactly(data, tfds_run, tmp_path):
     uninterrupted_dir, uninterrupted = tfds_run
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "ctr.train", f"--gin_file={TINY}", '--gin_param=train.run_dir = "run"',
-           *(f"--gin_param={b}" for b in _bindings(data, "tfds"))]  # fmt: skip
+    files, bindings = _config(data, "tfds")
+    cmd = [sys.executable, "-m", "ctr.train", *(f"--gin_file={f}" for f in files), '--gin_param=train.run_dir = "run"',
+           *(f"--gin_param={b}" for b in bindings)]  # fmt: skip
 
     def start():
         return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
