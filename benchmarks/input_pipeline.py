@@ -14,8 +14,8 @@ then measures:
 (c) tfds: on a smaller raw file (``--tfds_<dataset>_rows``), ``ctr.prepare --format=tfds`` builds the TFDS
     dataset (its rows/s and rows per CPU-second, beside the numpy prepare's of the same file), then host batches
     of the same ``train_batches`` order from ``tfds_dataset`` (``tfds.data_source`` + one
-    ``tf.io.parse_example`` per batch), from the numpy shards of the same raw file, and, for reference, from ``tfds.data_source`` with
-    TFDS's per-example decoding (``--tfds_per_example_batches`` batches).
+    ``tf.io.parse_example`` per batch), from the numpy shards of the same raw file, and, for reference, from
+    ``tfds.data_source`` with TFDS's per-example decoding (``--tfds_per_example_batches`` batches).
 
 Each figure is the best of ``--repeats`` runs (wall clock), with the process's CPU use next to it (cores busy =
 CPU seconds / wall seconds): on a shared machine other processes take cores, and the load average is printed with

@@ -6,8 +6,8 @@ fingerprints, Criteo buckets and dense features, Avazu time features, the Taobao
 seeded split and shuffle, the vocabulary) into a staging directory, then writes its splits in their stored
 order as ArrayRecord (random access), with ``disable_shuffling`` so TFDS index ``i`` of a split is prepared row
 ``i``, serialized in bulk by :mod:`ctr.data.tfds_records` (TFDS's per-example writer only for other file
-formats), and keeps the vocabulary's ``vocab/`` next to the shards. So there is one copy of every transform, and the training order rule (:mod:`ctr.data.dataset`) picks the
-same rows from either format. The staging directory (about the prepared size) is removed when the build ends.
+formats), and keeps the vocabulary's ``vocab/`` next to the shards. So there is one copy of every transform,
+and the training order rule (:mod:`ctr.data.dataset`) picks the same rows from either format. The staging directory (about the prepared size) is removed when the build ends.
 
     bazel run //ctr:prepare -- --format=tfds --dataset=criteo --raw_dir=/data/criteo_raw --out_dir=/data/tfds
     # or through the TFDS API (default configs; the `tfds build` command needs apache-beam, not in the lock):

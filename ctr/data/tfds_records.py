@@ -155,12 +155,9 @@ class ExampleEncoder:
             if not all(isinstance(d, int) and d >= 0 for d in shape) or dtype.kind not in "biuf" or (
                 dtype.kind == "f" and dtype != np.float32
             ):
-                raise ValueError(f"feature {key!r}: shape {shape} dtype {dtype.name} is not fixed-shape int/bool/float32")
+                raise ValueError(f"feature {key!r}: shape {shape} dtype {dtype.name}: not a fixed-shape int, bool or "
+                                 "float32 tensor")  # fmt: skip
             self._specs.append(_Spec(key, int(np.prod(shape, dtype=np.int64)), shape, dtype.kind == "f"))
-
-    @property
-    def keys(self) -> list[str]:
-        return [s.key for s in self._specs]
 
     def encode(self, columns: dict[str, np.ndarray]) -> tuple[bytes, np.ndarray]:
         """The records of ``n`` rows, ``columns[key]`` of shape ``[n, *shape]``: ``(bytes, offsets [n + 1])``,
