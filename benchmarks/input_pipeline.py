@@ -1,4 +1,5 @@
-r"""Input pipeline throughput: (a) raw-file parse rows/s, (b) prepared-data examples/s as host batches.
+r"""Input pipeline throughput: (a) raw-file parse rows/s, (b) prepared-data examples/s as host batches, (c) the
+same host batches from the TFDS-built dataset beside the numpy shards.
 
     python benchmarks/input_pipeline.py [--datasets=criteo,avazu,taobao] [--work_dir=/tmp/ctr_bench]
 
@@ -9,7 +10,12 @@ then measures:
     sequences included), rows per second of wall time, with 1 and ``--threads`` parser threads;
 (b) pipeline: ``ctr.prepare`` writes the prepared shards, then ``prepared(...).train_batches`` delivers host
     batches (numpy dicts in the trainer's batch layout) for ``--batches`` steps of ``--batch_size``; examples
-    per second of wall time, for an exact row permutation (``block_rows=1``) and for block shuffling.
+    per second of wall time, for an exact row permutation (``block_rows=1``) and for block shuffling;
+(c) tfds: on a smaller raw file (``--tfds_<dataset>_rows``), ``ctr.prepare --format=tfds`` builds the TFDS
+    dataset (its rows/s and rows per CPU-second, beside the numpy prepare's of the same file), then host batches
+    of the same ``train_batches`` order from ``tfds_dataset`` (``tfds.data_source`` + one
+    ``tf.io.parse_example`` per batch), from the numpy shards of the same raw file, and, for reference, from
+    ``tfds.data_source`` with TFDS's per-example decoding (``--tfds_per_example_batches`` batches).
 
 Each figure is the best of ``--repeats`` runs (wall clock), with the process's CPU use next to it (cores busy =
 CPU seconds / wall seconds): on a shared machine other processes take cores, and the load average is printed with
@@ -29,7 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from ctr import prepare  # noqa: E402
-from ctr.data import prepared, raw, row_accounting, splits, synthetic  # noqa: E402
+from ctr.data import prepared, raw, row_accounting, splits, synthetic, tfds_builders, tfds_input  # noqa: E402
+from ctr.data import dataset as dataset_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("datasets", ["criteo", "avazu", "taobao"], "Datasets to measure.")
@@ -42,9 +49,16 @@ flags.DEFINE_integer("batch_size", 8192, "Global batch size for (b).")
 flags.DEFINE_integer("batches", 200, "Batches timed in (b).")
 flags.DEFINE_integer("block_rows", 64, "Block size of the block-shuffled variant of (b).")
 flags.DEFINE_integer("repeats", 3, "Runs per figure; the best is reported.")
+flags.DEFINE_list("sections", ["a", "b", "c"], "Which of (a) parse, (b) prepared, (c) TFDS to measure.")
+flags.DEFINE_integer("tfds_criteo_rows", 100_000, "Synthetic Criteo rows for (c).")
+flags.DEFINE_integer("tfds_avazu_rows", 100_000, "Synthetic Avazu rows for (c).")
+flags.DEFINE_integer("tfds_taobao_users", 4_000, "Synthetic TaobaoAds users for (c).")
+flags.DEFINE_integer("tfds_batches", 20, "Batches timed per run in (c).")
+flags.DEFINE_integer("tfds_per_example_batches", 2, "Batches timed with TFDS's per-example decoding in (c).")
 
 
-def _generate(dataset: str, raw_dir: str) -> None:
+def _generate(dataset: str, raw_dir: str, size: int | None = None) -> None:
+    """Synthetic raw files of ``dataset`` (``size`` rows, TaobaoAds: users; default the flag's) into ``raw_dir``."""
     if os.path.isdir(raw_dir):
         return
     tmp = raw_dir + ".partial"
@@ -52,11 +66,11 @@ def _generate(dataset: str, raw_dir: str) -> None:
     os.makedirs(tmp)
     start = time.time()
     if dataset == "criteo":
-        synthetic.criteo.write_synthetic(os.path.join(tmp, "train.txt"), FLAGS.criteo_rows, seed=0)
+        synthetic.criteo.write_synthetic(os.path.join(tmp, "train.txt"), size or FLAGS.criteo_rows, seed=0)
     elif dataset == "avazu":
-        synthetic.avazu.write_synthetic(os.path.join(tmp, "train.csv"), FLAGS.avazu_rows, seed=0)
+        synthetic.avazu.write_synthetic(os.path.join(tmp, "train.csv"), size or FLAGS.avazu_rows, seed=0)
     else:
-        synthetic.taobao.write_synthetic(tmp, num_users=FLAGS.taobao_users, seed=0)
+        synthetic.taobao.write_synthetic(tmp, num_users=size or FLAGS.taobao_users, seed=0)
     os.replace(tmp, raw_dir)
     print(f"{dataset}: generated raw files in {time.time() - start:.0f}s", flush=True)
 
@@ -82,16 +96,65 @@ def _parse(dataset: str, raw_dir: str, threads: int) -> int:
 
 
 def _pipeline(data_dir: str, block_rows: int) -> Callable[[], int]:
-    data = prepared.prepared(data_dir, block_rows=block_rows)
-    batches = data.train_batches(FLAGS.batch_size, 0, seed=0)
-    next(batches)  # draws the epoch's permutation
+    return _batches(prepared.prepared(data_dir, block_rows=block_rows), FLAGS.batches)
+
+
+def _batches(data, batches: int) -> Callable[[], int]:
+    """Times ``batches`` host batches of ``data.train_batches`` (the first, which draws the permutation, untimed)."""
+    it = data.train_batches(FLAGS.batch_size, 0, seed=0)
+    next(it)
 
     def measure() -> int:
-        for _ in range(FLAGS.batches):
-            next(batches)
-        return FLAGS.batches * FLAGS.batch_size
+        for _ in range(batches):
+            next(it)
+        return batches * FLAGS.batch_size
 
     return measure
+
+
+def _per_example(name: str, data_dir: str, num_rows: int) -> Callable[[], int]:
+    """TFDS's own decoding: ``tfds.data_source`` (decode each example), same rows as ``train_batches``."""
+    import tensorflow_datasets as tfds
+
+    source = tfds.data_source(name, split="train", data_dir=data_dir, download=False)
+    order = dataset_lib.train_rows(num_rows, FLAGS.batch_size, 0, 0)
+
+    def measure() -> int:
+        for _ in range(FLAGS.tfds_per_example_batches):
+            source.__getitems__(sorted(next(order).tolist()))
+        return FLAGS.tfds_per_example_batches * FLAGS.batch_size
+
+    return measure
+
+
+def _tfds(dataset: str, spec: splits.SplitSpec) -> None:
+    """(c): the TFDS build and host batches from it, beside the numpy shards of the same raw file."""
+    size = {"criteo": FLAGS.tfds_criteo_rows, "avazu": FLAGS.tfds_avazu_rows, "taobao": FLAGS.tfds_taobao_users}
+    raw_dir = os.path.join(FLAGS.work_dir, f"{dataset}_raw_{size[dataset]}")
+    _generate(dataset, raw_dir, size[dataset])
+    numpy_dir, tfds_dir = raw_dir + "_prepared", raw_dir + "_tfds"
+    shutil.rmtree(numpy_dir, ignore_errors=True)
+    shutil.rmtree(tfds_dir, ignore_errors=True)
+    wall, cpu = time.perf_counter(), time.process_time()
+    prepare.prepare(dataset, raw_dir, numpy_dir, spec, threads=FLAGS.threads, emit=lambda line: None)
+    numpy_wall, numpy_cpu = time.perf_counter() - wall, time.process_time() - cpu
+    wall, cpu = time.perf_counter(), time.process_time()
+    builder = tfds_builders.prepare(dataset, raw_dir, tfds_dir, spec, threads=FLAGS.threads, emit=lambda line: None)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    rows = sum(info.num_examples for info in builder.info.splits.values())
+    name = f"{builder.name}/{builder.builder_config.name}"
+    # The build is prepare (staged) + writing; CPU seconds are this process's (the parser threads included).
+    print(f"{dataset}: (c) TFDS build of {rows:,} rows: {wall:.1f}s, {rows / wall:,.0f} rows/s, {rows / cpu:,.0f} "
+          f"rows per CPU-s; numpy prepare of the same: {numpy_wall:.1f}s, {rows / numpy_wall:,.0f} rows/s, "
+          f"{rows / numpy_cpu:,.0f} rows per CPU-s; the TFDS writing alone: {rows / max(cpu - numpy_cpu, 1e-9):,.0f} "
+          f"rows per CPU-s (load average {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
+    tfds_data = tfds_input.tfds_dataset(name, tfds_dir)
+    for label, data in (("numpy shards", prepared.prepared(numpy_dir)), ("tfds_dataset (batch-first)", tfds_data)):
+        rate = _best(_batches(data, FLAGS.tfds_batches), "examples")
+        print(f"{dataset}: (c) host batches of {FLAGS.batch_size} from {label}: {rate}", flush=True)
+    rate = _best(_per_example(name, tfds_dir, tfds_data.num_rows("train")), "examples")
+    print(f"{dataset}: (c) host batches of {FLAGS.batch_size} from tfds.data_source, per-example decoding: {rate}",
+          flush=True)  # fmt: skip
 
 
 def main(argv) -> None:
@@ -99,22 +162,28 @@ def main(argv) -> None:
     os.makedirs(FLAGS.work_dir, exist_ok=True)
     print(f"cpus available: {len(os.sched_getaffinity(0))}, load average: {os.getloadavg()[0]:.1f}", flush=True)
     for dataset in FLAGS.datasets:
-        raw_dir = os.path.join(FLAGS.work_dir, f"{dataset}_raw")
-        _generate(dataset, raw_dir)
-        size = sum(os.path.getsize(os.path.join(raw_dir, f)) for f in os.listdir(raw_dir)) / 2**20
-        for threads in sorted({1, FLAGS.threads}):
-            rate = _best(lambda: _parse(dataset, raw_dir, threads), "rows")
-            print(f"{dataset}: (a) parse ({size:,.0f} MiB raw), {threads} thread(s): {rate}", flush=True)
-        out = os.path.join(FLAGS.work_dir, f"{dataset}_prepared")
-        shutil.rmtree(out, ignore_errors=True)
         spec = splits.SplitSpec(prepare.DEFAULT_SPLIT[dataset], test_day=prepare.DEFAULT_TEST_DAY.get(dataset),
                                 valid=prepare.DEFAULT_VALID[dataset])  # fmt: skip
-        start = time.time()
-        prepare.prepare(dataset, raw_dir, out, spec, threads=FLAGS.threads, emit=lambda line: None)
-        print(f"{dataset}: prepare took {time.time() - start:.1f}s", flush=True)
-        for block_rows in (1, FLAGS.block_rows):
-            rate = _best(_pipeline(out, block_rows), "examples")
-            print(f"{dataset}: (b) host batches of {FLAGS.batch_size}, block_rows={block_rows}: {rate}", flush=True)
+        raw_dir = os.path.join(FLAGS.work_dir, f"{dataset}_raw")
+        if {"a", "b"} & set(FLAGS.sections):
+            _generate(dataset, raw_dir)
+        if "a" in FLAGS.sections:
+            size = sum(os.path.getsize(os.path.join(raw_dir, f)) for f in os.listdir(raw_dir)) / 2**20
+            for threads in sorted({1, FLAGS.threads}):
+                rate = _best(lambda: _parse(dataset, raw_dir, threads), "rows")
+                print(f"{dataset}: (a) parse ({size:,.0f} MiB raw), {threads} thread(s): {rate}", flush=True)
+        if "b" in FLAGS.sections:
+            out = os.path.join(FLAGS.work_dir, f"{dataset}_prepared")
+            shutil.rmtree(out, ignore_errors=True)
+            start = time.time()
+            prepare.prepare(dataset, raw_dir, out, spec, threads=FLAGS.threads, emit=lambda line: None)
+            print(f"{dataset}: prepare took {time.time() - start:.1f}s", flush=True)
+            for block_rows in (1, FLAGS.block_rows):
+                rate = _best(_pipeline(out, block_rows), "examples")
+                print(f"{dataset}: (b) host batches of {FLAGS.batch_size}, block_rows={block_rows}: {rate}",
+                      flush=True)  # fmt: skip
+        if "c" in FLAGS.sections:
+            _tfds(dataset, spec)
 
 
 if __name__ == "__main__":

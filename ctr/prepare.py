@@ -63,10 +63,12 @@ def prepare(
     tmp_dir: str | None = None,
     emit: raw.Emit = logging.info,
     raw_files: Sequence[str] = (),
+    processing: object | None = None,
 ) -> dict:
     """Prepares ``dataset`` from ``raw_dir`` into ``out_dir`` (see the module docstring); returns the metadata.
 
-    The dataset's ``Processing`` (int buckets, vocabulary ``min_count``, TaobaoAds ``max_len``) comes from gin.
+    The dataset's ``Processing`` (int buckets, vocabulary ``min_count``, TaobaoAds ``max_len``) is ``processing``,
+    default the gin-bound one.
     ``raw_files`` (shell globs, ``--raw_files``) picks the inputs of a raw directory that holds more than one
     candidate. On any failure nothing is left in ``out_dir`` (a directory it creates is removed).
 
@@ -83,7 +85,7 @@ def prepare(
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise OutputExists(f"--out_dir={out_dir}: exists and is not a directory")
     module = DATASETS[dataset]
-    processing = _checked_processing(module)
+    processing = _checked_processing(module, processing)
     created = not os.path.exists(out_dir)
     try:
         return _prepare(module, dataset, raw_dir, out_dir, spec, processing, seed, max_bad_rows, shard_bytes,
@@ -166,9 +168,10 @@ def _prepare(
     return metadata
 
 
-def _checked_processing(module: types.ModuleType) -> object:
-    """The dataset's gin-bound ``Processing``, each field of its default's type (gin passes any value)."""
-    processing = module.Processing()
+def _checked_processing(module: types.ModuleType, processing: object | None = None) -> object:
+    """``processing`` (default the dataset's gin-bound ``Processing``), each field of its default's type (gin
+    passes any value)."""
+    processing = module.Processing() if processing is None else processing
     for field in dataclasses.fields(processing):
         value = getattr(processing, field.name)
         if type(value) is not type(field.default) and not (type(field.default) is float and type(value) is int):
@@ -249,6 +252,9 @@ def _define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string("valid", None, "time split: 'half' (a random half of the test day), 'test' (valid = test) or a "
                         "day; default half (TaobaoAds: test, as BARS).", flag_values=fv)  # fmt: skip
     flags.DEFINE_integer("seed", 0, "Shuffle and split seed.", flag_values=fv)
+    flags.DEFINE_enum("format", "numpy", ["numpy", "tfds"], "numpy: shards for prepared(data_dir=out_dir); tfds: "
+                      "the same examples as a TFDS dataset (ArrayRecord) in the TFDS data_dir out_dir, for "
+                      "tfds_dataset.", flag_values=fv)  # fmt: skip
     flags.DEFINE_integer("max_bad_rows", 0, "Bad rows to skip (and count) before failing; 0: the first bad row fails.",
                          flag_values=fv)  # fmt: skip
     flags.DEFINE_integer("shard_mib", 512, "Target shard (and shuffle bucket, i.e. memory) size in MiB.",
@@ -315,8 +321,14 @@ def run(fv: flags.FlagValues) -> int:
         def emit(line: str) -> None:
             print(line, file=sys.stderr, flush=True)
 
-        prepare(fv.dataset, _resolve(fv.raw_dir), _resolve(fv.out_dir), spec, fv.seed, fv.max_bad_rows,
+        args = (fv.dataset, _resolve(fv.raw_dir), _resolve(fv.out_dir), spec, fv.seed, fv.max_bad_rows,
                 fv.shard_mib << 20, fv.threads, fv.tmp_dir and _resolve(fv.tmp_dir), emit, fv.raw_files)  # fmt: skip
+        if fv.format == "tfds":  # this prepare, staged, written as a TFDS dataset (ctr/data/tfds_builders.py)
+            from ctr.data import tfds_builders
+
+            tfds_builders.prepare(*args, processing=_checked_processing(DATASETS[fv.dataset]))
+        else:
+            prepare(*args)
     except errors.UserError as e:
         return errors.report("ctr.prepare", e)
     return errors.EXIT_OK

@@ -179,14 +179,22 @@ def prepared(data_dir: str = gin.REQUIRED, block_rows: int = 1) -> PreparedDatas
 
 
 @gin.configurable
-def vocabularies(data_dir: str = gin.REQUIRED) -> dict[str, np.ndarray]:
+def vocabularies(data_dir: str = gin.REQUIRED, tfds_name: str | None = None) -> dict[str, np.ndarray]:
     """The kept values (sorted int64 fingerprints) of every embedded feature of a prepared dataset, for
     ``PerFeature.vocabularies = @vocabularies()``: one row per kept value plus an OOV row, no collisions.
-    Keys are the features that own an embedding (categorical features and sequences with their own ids)."""
-    metadata = read_metadata(data_dir)
-    if not metadata.get("vocab"):
-        raise ValueError(f"{data_dir} was prepared without a vocabulary (set the dataset's Processing.min_count)")
-    kept = vocab_lib.Vocabulary.load(data_dir).kept
-    schema = schema_from_json(metadata["schema"])
+    Keys are the features that own an embedding (categorical features and sequences with their own ids).
+
+    With ``tfds_name`` (``ctr_<dataset>/<config>``, as ``tfds_dataset.name``) ``data_dir`` is the TFDS data
+    directory of a ``--format=tfds`` build, which keeps the same values next to its shards."""
+    if tfds_name is not None:
+        from ctr.data import tfds_input  # TFDS only where asked for
+
+        kept, schema = tfds_input.vocabulary(tfds_name, data_dir)
+    else:
+        metadata = read_metadata(data_dir)
+        if not metadata.get("vocab"):
+            raise ValueError(f"{data_dir} was prepared without a vocabulary (set the dataset's Processing.min_count)")
+        kept = vocab_lib.Vocabulary.load(data_dir).kept
+        schema = schema_from_json(metadata["schema"])
     return {key: kept[name] for key, name in vocab_lib.vocab_features(schema).items()
             if not any(s.name == key and s.item_feature for s in schema.sequences)}
