@@ -13,6 +13,7 @@ import math
 import os
 import queue
 import signal
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -26,7 +27,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from ctr import checkpointing, errors, metrics, optimizers, plots, sharding
+from ctr import checkpointing, errors, metrics, optimizers, paths, plots, sharding
 from ctr import models as model_zoo
 from ctr.data import dataset as dataset_lib
 from ctr.data import schema as schema_lib
@@ -200,7 +201,7 @@ def train(
     dataset = dataset_fn()
     schema = dataset.schema
     _check_splits(dataset, batch_size, eval_every, final_eval_splits)
-    steps_per_epoch = dataset.steps_per_epoch(batch_size)
+    steps_per_epoch = dataset.steps_per_epoch(batch_size, jax.process_count())
     if num_steps is None:
         num_steps = max(1, round((1.0 if num_epochs is None else num_epochs) * steps_per_epoch))
     if lead:
@@ -253,12 +254,18 @@ def train(
         "embedding_bytes": collection.parameter_bytes(),
     }
 
-    os.makedirs(run_dir, exist_ok=True)  # only now: a config or data error above leaves no run directory
-    ckpt = checkpointing.Checkpointer(os.path.join(run_dir, "checkpoints"))
+    paths.makedirs(run_dir)  # only now: a config or data error above leaves no run directory
+    ckpt = checkpointing.Checkpointer(paths.join(run_dir, "checkpoints"))
     record = {"examples_seen": 0, "train_wall_s": 0.0}
     restored = ckpt.restore_latest(checkpointing.abstract_like(state))
     if restored is not None:
         restored_step, state, record = restored
+        if dataset.host_shards:
+            try:
+                dataset_lib.check_resume_host_count(restored_step, steps_per_epoch, record.get("process_count"),
+                                                    jax.process_count())
+            except ValueError as e:
+                raise errors.ConfigError(str(e)) from None
         logging.info("resumed from %s at step %d", ckpt, restored_step)
         if lead:
             print(f"Resuming from the checkpoint at step {restored_step} in {run_dir}", flush=True)
@@ -358,7 +365,7 @@ def train(
             )
 
     if lead:
-        print(f"Run directory: {os.path.abspath(run_dir)}", flush=True)
+        print(f"Run directory: {paths.resolve(run_dir)}", flush=True)
     bar = _progress_bar(start_step, num_steps, enabled=progress and lead)
     prefetch = _Prefetcher(produce()) if start_step < num_steps else None
     loop_start = time.time()
@@ -386,7 +393,7 @@ def train(
                     last = ckpt.latest_step()
                     kept = (
                         "No checkpoint was written yet." if last is None
-                        else f"The last good checkpoint is kept: {os.path.join(run_dir, 'checkpoints', str(last))}."
+                        else f"The last good checkpoint is kept: {paths.join(run_dir, 'checkpoints', str(last))}."
                     )  # fmt: skip
                     raise TrainingDiverged(
                         f"loss became {mean_loss} between steps {step - loss_count + 1} and {step}; stopping. {kept}"
@@ -406,6 +413,8 @@ def train(
                     window_start = time.time()
                 if ckpt.due(step) or step == num_steps or preempted:
                     ckpt.save(step, state, _record(examples_seen, record, loop_start))
+                    if writer is not None:
+                        writer.sync()
                 if preempted:
                     ckpt.wait()
                     if lead:
@@ -445,7 +454,7 @@ def train(
             for s in final_eval_splits
         )
         print(f"Finished {num_steps} steps in {train_wall:.1f}s of training. {summary}", flush=True)
-        print(f"Results: {os.path.abspath(os.path.join(run_dir, 'results.json'))}", flush=True)
+        print(f"Results: {paths.join(run_dir, 'results.json')}", flush=True)
     return results
 
 
@@ -485,7 +494,8 @@ def _check_splits(dataset: Any, batch_size: int, eval_every: int, final_eval_spl
 
 
 def _record(examples_seen: int, record: dict, loop_start: float) -> dict:
-    return {"examples_seen": examples_seen, "train_wall_s": record["train_wall_s"] + time.time() - loop_start}
+    return {"examples_seen": examples_seen, "train_wall_s": record["train_wall_s"] + time.time() - loop_start,
+            "process_count": jax.process_count()}
 
 
 def _any_process(flag: bool) -> bool:
@@ -496,11 +506,26 @@ def _any_process(flag: bool) -> bool:
 
 
 class _RunWriter:
-    """metrics.jsonl, TensorBoard events, the gin configs, results.json and plots of one run (process 0)."""
+    """metrics.jsonl, TensorBoard events, the gin configs, results.json and plots of one run (process 0).
+
+    Files are written in a local directory: the run directory itself, or, when that is on an object store (which
+    cannot append to an object, and which TensorBoard's writer would reach through TensorFlow's own GCS client), a
+    staging directory whose files :meth:`sync` copies there at every checkpoint and at the end. Lines logged after
+    the last checkpoint are dropped on resume anyway, so a killed run loses nothing by syncing only then.
+    """
 
     def __init__(self, run_dir: str, start_step: int | None = None, num_steps: int | None = None):
         self.run_dir = run_dir
-        path = os.path.join(run_dir, "metrics.jsonl")
+        self._staging = None
+        if paths.is_remote(run_dir):
+            self._staging = tempfile.TemporaryDirectory(prefix="ctr-run-")
+            self.local_dir = self._staging.name
+            remote_metrics = paths.join(run_dir, "metrics.jsonl")
+            if start_step is not None and paths.exists(remote_metrics):
+                paths.resolve(remote_metrics).copy(os.path.join(self.local_dir, "metrics.jsonl"))
+        else:
+            self.local_dir = run_dir
+        path = os.path.join(self.local_dir, "metrics.jsonl")
         if start_step is not None and os.path.exists(path):  # lines of a run killed after its last checkpoint
             _drop_lines_after(path, start_step, num_steps)
         self._jsonl = open(path, "a", encoding="utf-8")
@@ -511,11 +536,12 @@ class _RunWriter:
             self._tf = self._tb = None
         else:
             self._tf = tf
-            self._tb = tf.summary.create_file_writer(os.path.join(run_dir, "tensorboard"))
+            self._tb = tf.summary.create_file_writer(os.path.join(self.local_dir, "tensorboard"))
 
     def write_config(self) -> None:
-        with open(os.path.join(self.run_dir, "config.gin"), "w", encoding="utf-8") as f:
+        with open(os.path.join(self.local_dir, "config.gin"), "w", encoding="utf-8") as f:
             f.write(gin.config_str())
+        self.sync()
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self._jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
@@ -526,15 +552,26 @@ class _RunWriter:
             for key, value in values.items():
                 self._tf.summary.scalar(key, value)
 
+    def sync(self) -> None:
+        """Copies the staged files to the run directory on the object store (a no-op for a local one)."""
+        if self._staging is None:
+            return
+        if self._tb is not None:
+            self._tb.flush()
+        paths.copy_tree(self.local_dir, self.run_dir)
+
     def finish(self, results: dict[str, Any]) -> None:
-        with open(os.path.join(self.run_dir, "operative_config.gin"), "w", encoding="utf-8") as f:
+        with open(os.path.join(self.local_dir, "operative_config.gin"), "w", encoding="utf-8") as f:
             f.write(gin.operative_config_str())
-        with open(os.path.join(self.run_dir, "results.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(self.local_dir, "results.json"), "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
         self._jsonl.close()
         if self._tb is not None:
             self._tb.flush()
-        plots.plot_run(self.run_dir)
+        plots.plot_run(self.local_dir)
+        self.sync()
+        if self._staging is not None:
+            self._staging.cleanup()
 
 
 def _drop_lines_after(path: str, step: int, num_steps: int | None) -> None:
