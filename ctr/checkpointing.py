@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ctr import errors
+from ctr import errors, paths
 
 _CHECKSUMS = "checksums"
 _LOGICAL_ROWS = "logical_rows"  # {leaf path: rows addressed}, for tables and their slots
@@ -68,7 +68,7 @@ class Checkpointer:
     def __init__(self, directory: str, every_steps: int = 1000, keep: int = 3,
                  table_rows: Mapping[str, int] | None = None):  # fmt: skip
         self.every_steps = every_steps
-        self._directory = os.path.abspath(directory)
+        self._directory = os.fspath(paths.resolve(directory))  # a gs:// URI stays one; orbax writes there
         self._table_rows = dict(table_rows or {})
         self._manager = ocp.CheckpointManager(
             self._directory,
@@ -182,18 +182,18 @@ class Checkpointer:
         return repad
 
     def _step_dir(self, step: int) -> str:
-        return os.path.join(self._directory, str(step))
+        return paths.join(self._directory, str(step))
 
     def _set_aside(self, steps: list[int]) -> list[str]:
         """Moves the checkpoints of ``steps`` to ``<directory>.rejected/<step>-<time>``; returns where to."""
         moved = []
         target_dir = self._directory + ".rejected"
         if jax.process_index() == 0:
-            os.makedirs(target_dir, exist_ok=True)
+            paths.makedirs(target_dir)
         for step in steps:
-            target = os.path.join(target_dir, f"{step}-{int(time.time())}")
+            target = paths.join(target_dir, f"{step}-{int(time.time())}")
             if jax.process_index() == 0:
-                os.rename(self._step_dir(step), target)
+                paths.move_tree(self._step_dir(step), target)
             moved.append(target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils

@@ -5,16 +5,22 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from typing import Any
 
 import gin
 
-from ctr import plots, tf_import
+from ctr import paths, plots, tf_import
 
 
 class RunWriter:
     """metrics.jsonl, TensorBoard events, the gin configs, results.json and plots of one run (process 0).
+
+    Files are written in a local directory: the run directory itself, or, when that is on an object store (which
+    cannot append to an object, and which TensorBoard's writer would reach through TensorFlow's own GCS client), a
+    staging directory whose files :meth:`sync` copies there at every checkpoint and at the end. Lines logged after
+    the last checkpoint are dropped on resume anyway, so a killed run loses nothing by syncing only then.
 
     Args:
       run_dir: the run directory.
@@ -25,7 +31,16 @@ class RunWriter:
 
     def __init__(self, run_dir: str, start_step: int | None = None, num_steps: int | None = None):
         self.run_dir = run_dir
-        path = os.path.join(run_dir, "metrics.jsonl")
+        self._staging = None
+        if paths.is_remote(run_dir):
+            self._staging = tempfile.TemporaryDirectory(prefix="ctr-run-")
+            self.local_dir = self._staging.name
+            remote_metrics = paths.join(run_dir, "metrics.jsonl")
+            if start_step is not None and paths.exists(remote_metrics):
+                paths.copy_file(remote_metrics, os.path.join(self.local_dir, "metrics.jsonl"))
+        else:
+            self.local_dir = run_dir
+        path = os.path.join(self.local_dir, "metrics.jsonl")
         if start_step is not None and os.path.exists(path):  # lines of a run killed after its last checkpoint
             drop_lines_after(path, start_step, num_steps)
         self._jsonl = open(path, "a", encoding="utf-8")
@@ -36,11 +51,12 @@ class RunWriter:
             self._tf = self._tb = None
         else:
             self._tf = tf
-            self._tb = tf.summary.create_file_writer(os.path.join(run_dir, "tensorboard"))
+            self._tb = tf.summary.create_file_writer(os.path.join(self.local_dir, "tensorboard"))
 
     def write_config(self) -> None:
-        with open(os.path.join(self.run_dir, "config.gin"), "w", encoding="utf-8") as f:
+        with open(os.path.join(self.local_dir, "config.gin"), "w", encoding="utf-8") as f:
             f.write(gin.config_str())
+        self.sync()
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self._jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
@@ -51,26 +67,37 @@ class RunWriter:
             for key, value in values.items():
                 self._tf.summary.scalar(key, value)
 
+    def sync(self) -> None:
+        """Copies the staged files to the run directory on the object store (a no-op for a local one)."""
+        if self._staging is None:
+            return
+        if self._tb is not None:
+            self._tb.flush()
+        paths.copy_tree(self.local_dir, self.run_dir)
+
     def finish(self, results: dict[str, Any], splits: tuple[str, ...]) -> None:
         """Logs the final evaluation of ``splits``, writes results.json, the operative config and the plots, and
         prints the summary."""
         steps = results["steps"]
         self.log(steps, {f"{s}/{k}": v for s in splits for k, v in results[s].items()})
-        with open(os.path.join(self.run_dir, "operative_config.gin"), "w", encoding="utf-8") as f:
+        with open(os.path.join(self.local_dir, "operative_config.gin"), "w", encoding="utf-8") as f:
             f.write(gin.operative_config_str())
-        with open(os.path.join(self.run_dir, "results.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(self.local_dir, "results.json"), "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
         self._jsonl.close()
         if self._tb is not None:
             self._tb.flush()
-        plots.plot_run(self.run_dir)
+        plots.plot_run(self.local_dir)
+        self.sync()
+        if self._staging is not None:
+            self._staging.cleanup()
         summary = "  ".join(
             f"{s}: auc {results[s]['auc']:.4f} logloss {results[s]['logloss']:.4f}"
             + (f" gauc {results[s]['gauc']:.4f}" if "gauc" in results[s] else "")
             for s in splits
         )
         print(f"Finished {steps} steps in {results['train_wall_s']:.1f}s of training. {summary}", flush=True)
-        print(f"Results: {os.path.abspath(os.path.join(self.run_dir, 'results.json'))}", flush=True)
+        print(f"Results: {paths.join(self.run_dir, 'results.json')}", flush=True)
 
 
 def drop_lines_after(path: str, step: int, num_steps: int | None) -> None:

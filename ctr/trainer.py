@@ -25,7 +25,7 @@ import gin
 import jax
 import optax
 
-from ctr import checkpointing, config_checks, faults, optimizers, preemption, mesh as mesh_lib
+from ctr import checkpointing, config_checks, errors, faults, optimizers, paths, preemption, mesh as mesh_lib
 from ctr import models as model_zoo
 from ctr.data import dataset as dataset_lib
 from ctr.data import schema as schema_lib
@@ -137,10 +137,10 @@ def train(
     state, shardings = train_state_lib.build(dataset, collection, module, tx, sparse_optimizer, mesh, rules, seed)
     num_params = train_state_lib.num_parameters(state, collection)
 
-    os.makedirs(run_dir, exist_ok=True)  # only now: a config or data error above leaves no run directory
-    ckpt = checkpointing.Checkpointer(os.path.join(run_dir, "checkpoints"),
+    paths.makedirs(run_dir)  # only now: a config or data error above leaves no run directory
+    ckpt = checkpointing.Checkpointer(paths.join(run_dir, "checkpoints"),
                                       table_rows=checkpointing.logical_table_rows(collection))  # fmt: skip
-    state, record = _restore(ckpt, state, run_dir, lead)
+    state, record = _restore(ckpt, state, run_dir, lead, dataset, batch_size)
     train_step = make_train_step(module, tx, sparse_optimizer, shardings, mesh)
     evaluator = Evaluator(dataset, collection, module, sparse_optimizer, mesh, rules, shardings, eval_batch_size)
 
@@ -183,7 +183,7 @@ def train(
 def _resolve_num_steps(dataset: dataset_lib.Dataset, batch_size: int, num_steps: int | None,
                        num_epochs: float | None, lead: bool) -> int:  # fmt: skip
     """``num_steps``, else ``round(num_epochs * steps per epoch)`` (neither: one epoch); printed."""
-    steps_per_epoch = dataset.steps_per_epoch(batch_size)
+    steps_per_epoch = dataset.steps_per_epoch(batch_size, jax.process_count())
     if num_steps is None:
         num_steps = max(1, round((1.0 if num_epochs is None else num_epochs) * steps_per_epoch))
     if lead:
@@ -195,13 +195,21 @@ def _resolve_num_steps(dataset: dataset_lib.Dataset, batch_size: int, num_steps:
     return num_steps
 
 
-def _restore(ckpt: checkpointing.Checkpointer, state: TrainState, run_dir: str, lead: bool) -> tuple[TrainState, dict]:
-    """The newest intact checkpoint's state and record, or ``state`` and an empty record."""
+def _restore(ckpt: checkpointing.Checkpointer, state: TrainState, run_dir: str, lead: bool,
+             dataset: dataset_lib.Dataset, batch_size: int) -> tuple[TrainState, dict]:  # fmt: skip
+    """The newest intact checkpoint's state and record, or ``state`` and an empty record. A data order that
+    depends on the host count (``prepared.host_shards``) resumes on another count only at an epoch boundary."""
     record = {"examples_seen": 0, "train_wall_s": 0.0}
     restored = ckpt.restore_latest(checkpointing.abstract_like(state))
     if restored is None:
         return state, record
     restored_step, state, record = restored
+    if dataset.host_shards:
+        try:
+            dataset_lib.check_resume_host_count(restored_step, dataset.steps_per_epoch(batch_size, jax.process_count()),
+                                                record.get("process_count"), jax.process_count())  # fmt: skip
+        except ValueError as e:
+            raise errors.ConfigError(str(e)) from None
     logging.info("resumed from %s at step %d", ckpt, restored_step)
     if lead:
         print(f"Resuming from the checkpoint at step {restored_step} in {run_dir}", flush=True)
@@ -243,7 +251,7 @@ class _Run:
         if writer:
             writer.write_config()
         if lead:
-            print(f"Run directory: {os.path.abspath(run_dir)}", flush=True)
+            print(f"Run directory: {paths.resolve(run_dir)}", flush=True)
         self.bar = ProgressBar(start_step, num_steps, enabled=progress and lead)
         self.loop_start = time.time()
 
@@ -272,6 +280,8 @@ class _Run:
         if self.ckpt.due(step) or step == self.num_steps or preempted:
             with watch.phase("checkpoint save"):
                 self.ckpt.save(step, state, self._record(examples_seen))
+            if self.writer:
+                self.writer.sync()  # run files on an object store follow the checkpoints
         if preempted:
             with watch.phase("checkpoint save"):
                 self.ckpt.wait()
@@ -284,7 +294,7 @@ class _Run:
         last = self.ckpt.latest_step()
         kept = (
             "No checkpoint was written yet." if last is None
-            else f"The last good checkpoint is kept: {os.path.join(self.run_dir, 'checkpoints', str(last))}."
+            else f"The last good checkpoint is kept: {paths.join(self.run_dir, 'checkpoints', str(last))}."
         )  # fmt: skip
         raise TrainingDiverged(f"loss became {mean_loss} between steps {step - count + 1} and {step}; stopping. {kept}")
 
@@ -318,4 +328,4 @@ class _Run:
 
     def _record(self, examples_seen: int) -> dict:
         wall = self.record["train_wall_s"] + time.time() - self.loop_start
-        return {"examples_seen": examples_seen, "train_wall_s": wall}
+        return {"examples_seen": examples_seen, "train_wall_s": wall, "process_count": jax.process_count()}

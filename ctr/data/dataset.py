@@ -32,12 +32,16 @@ class Dataset(Protocol):
     """
 
     schema: schema_lib.FeatureSchema
+    # True when the training order depends on the host count (each host reading only the shards it owns:
+    # ``prepared.host_shards``); a resume on another host count is then allowed at epoch boundaries only.
+    host_shards: bool
 
     def num_rows(self, split: str) -> int:
         """Examples in ``split`` (``"train"``, ``"valid"`` or ``"test"``)."""
 
-    def steps_per_epoch(self, global_batch: int) -> int:
-        """Whole global batches in one pass over the train split (the last partial batch is dropped)."""
+    def steps_per_epoch(self, global_batch: int, process_count: int = 1) -> int:
+        """Whole global batches in one pass over the train split (the last partial batch is dropped), on
+        ``process_count`` hosts."""
 
     def train_batches(self, global_batch: int, start_step: int, seed: int, process_index: int = 0,
                       process_count: int = 1) -> Iterator[Batch]:  # fmt: skip
@@ -56,11 +60,12 @@ class InMemoryDataset:
 
     schema: schema_lib.FeatureSchema
     splits: dict[str, Batch]
+    host_shards = False
 
     def num_rows(self, split: str) -> int:
         return len(self.splits[split][schema_lib.LABEL])
 
-    def steps_per_epoch(self, global_batch: int) -> int:
+    def steps_per_epoch(self, global_batch: int, process_count: int = 1) -> int:
         return steps_per_epoch(self.num_rows(TRAIN), global_batch)
 
     def train_batches(
@@ -149,14 +154,14 @@ def eval_rows(
         yield np.where(rows < num_rows, rows, 0), real
 
 
-def epoch_order(num_rows: int, seed: int, epoch: int, block_rows: int = 1) -> np.ndarray:
-    """The row order of one epoch: a permutation drawn from (seed, epoch).
+def epoch_order(num_rows: int, seed: int, epoch: int, block_rows: int = 1, stream: tuple[int, ...] = ()) -> np.ndarray:
+    """The row order of one epoch: a permutation drawn from (seed, epoch, *stream).
 
     With ``block_rows > 1`` it permutes blocks of ``block_rows`` consecutive rows instead (rows within a
     block stay together and in order): a prepared split is already shuffled once, so this keeps batches
-    random while reading contiguous runs.
+    random while reading contiguous runs. ``stream`` tells apart orders drawn for different hosts.
     """
-    rng = np.random.default_rng([seed, epoch])
+    rng = np.random.default_rng([seed, epoch, *stream])
     if block_rows == 1:
         return rng.permutation(num_rows)
     blocks = rng.permutation(-(-num_rows // block_rows))
@@ -174,3 +179,82 @@ def split_random(batch: Batch, fractions: tuple[float, float, float], seed: int)
     cut2 = cut1 + int(round(n * fractions[1]))
     parts = {TRAIN: order[:cut1], VALID: order[cut1:cut2], TEST: order[cut2:]}
     return {name: {k: v[np.sort(rows)] for k, v in batch.items()} for name, rows in parts.items()}
+
+
+def assign_shards(shard_rows: list[int], process_count: int) -> list[list[int]]:
+    """The shards (indices, ascending) each of ``process_count`` hosts owns when every host reads only its own.
+
+    Largest shard first, each to the host with the fewest rows so far (ties: the lower host), so the hosts'
+    row counts differ by at most one shard's rows. A pure function of the shard sizes and the host count.
+
+    Raises:
+      ValueError: fewer shards than hosts (some host would own nothing).
+    """
+    if len(shard_rows) < process_count:
+        raise ValueError(f"{len(shard_rows)} train shards cannot be spread over {process_count} hosts: prepare the "
+                         "data again with more shards (a smaller --shard_mib), or read the whole split "
+                         "on every host (prepared.host_shards=False)")
+    owned: list[list[int]] = [[] for _ in range(process_count)]
+    totals = [0] * process_count
+    for k in sorted(range(len(shard_rows)), key=lambda k: (-shard_rows[k], k)):
+        host = min(range(process_count), key=lambda p: (totals[p], p))
+        owned[host].append(k)
+        totals[host] += shard_rows[k]
+    return [sorted(o) for o in owned]
+
+
+def host_steps_per_epoch(host_rows: list[int], global_batch: int) -> int:
+    """Steps in one epoch when host ``p`` reads only its own ``host_rows[p]`` rows: until the host with the
+    fewest rows has used them up (every host contributes ``global_batch / len(host_rows)`` rows a step)."""
+    local = global_batch // len(host_rows)
+    steps = min(n // local for n in host_rows)
+    if steps < 1:
+        raise ValueError(f"a host owns only {min(host_rows)} train rows, fewer than its {local} rows of a global "
+                         f"batch of {global_batch}")
+    return steps
+
+
+def host_train_rows(
+    host_rows: list[int],
+    global_batch: int,
+    start_step: int,
+    seed: int,
+    process_index: int = 0,
+    block_rows: int = 1,
+) -> Iterator[np.ndarray]:
+    """Rows (indices into this host's own rows) of this host's part of every global batch, when each host reads
+    only the shards it owns (:func:`assign_shards`).
+
+    Epoch ``e`` on host ``p`` of ``P`` visits its rows in :func:`epoch_order` ``(host_rows[p], seed, e,
+    block_rows, stream=(P, p))``, ``B / P`` rows a step, for :func:`host_steps_per_epoch` steps; a host with
+    more rows than that leaves its last rows of each epoch's order unread (other rows every epoch). A pure
+    function of (seed, step, host count): resume is exact. With one host it is :func:`train_rows` exactly.
+    """
+    process_count = len(host_rows)
+    if global_batch % process_count:
+        raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
+    local = global_batch // process_count
+    steps = host_steps_per_epoch(host_rows, global_batch)
+    stream = () if process_count == 1 else (process_count, process_index)
+    step = start_step
+    while True:
+        epoch, index = divmod(step, steps)
+        order = epoch_order(host_rows[process_index], seed, epoch, block_rows, stream)
+        while index < steps:
+            yield order[index * local : (index + 1) * local]
+            index += 1
+            step += 1
+
+
+def check_resume_host_count(step: int, steps_per_epoch: int, saved: int | None, current: int) -> None:
+    """A run whose data order depends on the host count may resume on another count only at an epoch boundary:
+    mid-epoch, the new hosts' shards would repeat some of the epoch's examples and skip others.
+
+    Raises:
+      ValueError: mid-epoch, on a host count other than the one that wrote the checkpoint.
+    """
+    if saved is not None and saved != current and step % steps_per_epoch:
+        raise ValueError(
+            f"the checkpoint at step {step} was written by {saved} hosts, this job has {current}, and with "
+            f"prepared.host_shards=True the data order depends on the host count: resume on {saved} hosts, or "
+            f"from a checkpoint at an epoch boundary (a multiple of {steps_per_epoch} steps)")

@@ -19,14 +19,16 @@ data on slower storage.
 """
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 from typing import Iterator
 
 import gin
 import numpy as np
 
-from ctr import errors
+from ctr import errors, paths
 from ctr.data import allocator
 from ctr.data import dataset as dataset_lib
 from ctr.data import rows as rows_lib
@@ -70,14 +72,13 @@ def read_metadata(data_dir: str) -> dict:
       NotPrepared: ``data_dir`` has no (readable) ``metadata.json``, or one of another format version; the
         message names the directory and the binding that points at it.
     """
-    path = os.path.join(data_dir, METADATA)
+    path = paths.join(data_dir, METADATA)
     where = "prepared.data_dir / DATA_DIR"
-    if not os.path.exists(path):
-        what = "no such directory" if not os.path.isdir(data_dir) else f"no {METADATA}"
+    if not paths.exists(path):
+        what = "no such directory" if not paths.is_dir(data_dir) else f"no {METADATA}"
         raise NotPrepared(f"{data_dir}: not a prepared dataset ({what}; check {where}, or run ctr.prepare first)")
     try:
-        with open(path) as f:
-            metadata = json.load(f)
+        metadata = json.loads(paths.read_text(path))
     except (OSError, ValueError) as e:
         raise NotPrepared(f"{path}: unreadable ({errors.one_line(e, 120)}); prepare the dataset again") from e
     if not isinstance(metadata, dict) or metadata.get("format_version") != FORMAT_VERSION:
@@ -86,14 +87,21 @@ def read_metadata(data_dir: str) -> dict:
     return metadata
 
 
+def load_array(path: str) -> np.ndarray:
+    """A stored ``.npy``: memory-mapped from a local disk; read whole into memory from an object store, which
+    cannot be mapped (one request per file, streamed)."""
+    if paths.is_remote(path):
+        return np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False)
+    return np.load(path, mmap_mode="r")
+
+
 class _Split:
-    """One split's shards, memory-mapped, addressed by a global row index."""
+    """One split's shards (memory-mapped, or in memory from an object store), addressed by a global row index."""
 
     def __init__(self, data_dir: str, shards: list[dict], arrays: list[str]):
         self.arrays = arrays
         self.shards = [
-            {name: np.load(os.path.join(data_dir, f"{s['path']}.{name}.npy"), mmap_mode="r") for name in arrays}
-            for s in shards
+            {name: load_array(paths.join(data_dir, f"{s['path']}.{name}.npy")) for name in arrays} for s in shards
         ]
         sizes = [s["rows"] for s in shards]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -120,43 +128,80 @@ class PreparedDataset:
     Attributes:
       schema: the batch schema.
       metadata: the prepared directory's ``metadata.json``.
+      host_shards: each host reads only the train shards it owns (see :func:`prepared`).
+      opened: the shard files this process has opened (``<split>/<k>.<array>.npy``), in order.
     """
 
-    def __init__(self, data_dir: str, block_rows: int = 1):
+    def __init__(self, data_dir: str, block_rows: int = 1, host_shards: bool = False, stage_dir: str | None = None):
         allocator.keep_freed_memory()  # every batch allocates MBs of arrays (see ctr.data.allocator)
         self.data_dir = data_dir
         self.metadata = read_metadata(data_dir)
         self.schema = schema_from_json(self.metadata["schema"])
         self.block_rows = block_rows
-        arrays = self.metadata["arrays"]
-        self._splits = {
-            name: _Split(data_dir, info["shards"], arrays) for name, info in self.metadata["splits"].items()
-        }
+        self.host_shards = host_shards
+        self.stage_dir = stage_dir
+        self.opened: list[str] = []
+        self._splits: dict[tuple[str, tuple[int, ...] | None], _Split] = {}
+
+    def _split(self, name: str, owned: tuple[int, ...] | None = None) -> _Split:
+        """The split's shards (``owned``: only those), opened on first use, so a host never opens the train
+        shards it does not own (and an object store is never asked for them)."""
+        if (name, owned) not in self._splits:
+            shards = self.metadata["splits"][name]["shards"]
+            chosen = shards if owned is None else [shards[k] for k in owned]
+            files = [f"{s['path']}.{a}.npy" for s in chosen for a in self.metadata["arrays"]]
+            self.opened += files
+            source = self.data_dir
+            if self.stage_dir is not None:
+                _stage(self.data_dir, self.stage_dir, files)
+                source = self.stage_dir
+            self._splits[name, owned] = _Split(source, chosen, self.metadata["arrays"])
+        return self._splits[name, owned]
 
     def num_rows(self, split: str) -> int:
-        return self._splits[split].num_rows
+        return int(self.metadata["splits"][split]["rows"])
 
-    def steps_per_epoch(self, global_batch: int) -> int:
+    def _host_rows(self, process_count: int) -> tuple[list[list[int]], list[int]]:
+        """(shards each host owns, rows each host owns) of the train split."""
+        shard_rows = [s["rows"] for s in self.metadata["splits"][splits_lib.TRAIN]["shards"]]
+        owned = dataset_lib.assign_shards(shard_rows, process_count)
+        return owned, [sum(shard_rows[k] for k in o) for o in owned]
+
+    def steps_per_epoch(self, global_batch: int, process_count: int = 1) -> int:
+        if self.host_shards:
+            return dataset_lib.host_steps_per_epoch(self._host_rows(process_count)[1], global_batch)
         return dataset_lib.steps_per_epoch(self.num_rows(splits_lib.TRAIN), global_batch)
-
 
     def train_batches(
         self, global_batch: int, start_step: int, seed: int, process_index: int = 0, process_count: int = 1
     ) -> Iterator[rows_lib.Batch]:
         """This host's part of every global training batch from ``start_step`` on, forever (see
-        :func:`ctr.data.dataset.train_rows`). Rows within a host batch come in file order."""
-        data = self._splits[splits_lib.TRAIN]
-        for rows in dataset_lib.train_rows(
-            data.num_rows, global_batch, start_step, seed, process_index, process_count, self.block_rows
-        ):
+        :func:`ctr.data.dataset.train_rows`, or :func:`~ctr.data.dataset.host_train_rows` with
+        ``host_shards``). Rows within a host batch come in file order."""
+        if self.host_shards:
+            owned, host_rows = self._host_rows(process_count)
+            data = self._split(splits_lib.TRAIN, tuple(owned[process_index]))
+            unread = host_rows[process_index] - dataset_lib.host_steps_per_epoch(host_rows, global_batch) * (
+                global_batch // process_count)
+            logging.info("host %d of %d reads train shards %s (%d rows; %d of them unread in each epoch)",
+                         process_index, process_count, owned[process_index], host_rows[process_index], unread)
+            order = dataset_lib.host_train_rows(host_rows, global_batch, start_step, seed, process_index,
+                                                self.block_rows)
+        else:
+            data = self._split(splits_lib.TRAIN)
+            order = dataset_lib.train_rows(
+                data.num_rows, global_batch, start_step, seed, process_index, process_count, self.block_rows
+            )
+        for rows in order:
             yield rows_lib.to_batch(self.schema, data.read(np.sort(rows)))
 
     def eval_batches(
         self, split: str, batch_size: int, process_index: int = 0, process_count: int = 1
     ) -> Iterator[tuple[rows_lib.Batch, int]]:
         """The whole ``split`` in order, as (host batch, number of real rows); the last batch is padded with
-        row 0 to keep every batch ``batch_size // process_count`` rows."""
-        data = self._splits[split]
+        row 0 to keep every batch ``batch_size // process_count`` rows. Every host opens the whole split (eval
+        splits are small next to train), and reads only its slices."""
+        data = self._split(split)
         for rows, real in dataset_lib.eval_rows(self.num_rows(split), batch_size, process_index, process_count):
             arrays = data.read(rows[:real])  # ascending
             if real < len(rows):
@@ -165,17 +210,41 @@ class PreparedDataset:
             yield rows_lib.to_batch(self.schema, arrays), real
 
 
+def _stage(data_dir: str, stage_dir: str, files: list[str]) -> None:
+    """Copies ``files`` of a prepared directory to a local ``stage_dir`` (skipping those already there at the
+    same size, so a restarted job copies only what is missing); each lands through a ``.partial`` name."""
+    copied = 0
+    for name in files:
+        source, target = paths.resolve(paths.join(data_dir, name)), os.path.join(stage_dir, name)
+        if os.path.exists(target) and os.path.getsize(target) == source.stat().length:
+            continue
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        paths.copy_file(source, target + ".partial")
+        os.replace(target + ".partial", target)
+        copied += 1
+    logging.info("staged %d of %d shard files from %s to %s", copied, len(files), data_dir, stage_dir)
+
+
 @gin.configurable
-def prepared(data_dir: str = gin.REQUIRED, block_rows: int = 1) -> PreparedDataset:
-    """The prepared dataset in ``data_dir`` (written by ``ctr.prepare``).
+def prepared(
+    data_dir: str = gin.REQUIRED, block_rows: int = 1, host_shards: bool = False, stage_dir: str | None = None
+) -> PreparedDataset:
+    """The prepared dataset in ``data_dir`` (written by ``ctr.prepare``; a local path or a ``gs://`` URI).
 
     Args:
       data_dir: the prepare step's ``--out_dir``.
       block_rows: 1 = each epoch is an exact permutation of the train rows; >1 = a permutation of blocks of
         that many consecutive rows (the split was shuffled once at prepare time), for storage where random
         reads are slow.
+      host_shards: False = every host reads rows of one global order of the whole train split (the order does
+        not depend on the host count; every host needs every shard). True = each host reads only the train
+        shards it owns, balanced by rows, and shuffles within them (for a split too large for one host's disk,
+        or on an object store); the order then depends on the host count, and with one host it is the same as
+        False. Resuming mid-epoch on another host count is refused (see ``docs/TPU.md``).
+      stage_dir: a local directory (a TPU VM's disk) to copy the shards this host reads to before reading
+        them memory-mapped from there. Without it, shards on an object store are read whole into memory.
     """
-    return PreparedDataset(data_dir, block_rows)
+    return PreparedDataset(data_dir, block_rows, host_shards, stage_dir)
 
 
 @gin.configurable

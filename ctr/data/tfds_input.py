@@ -180,7 +180,9 @@ class TfdsDataset:
     def num_rows(self, split: str) -> int:
         return len(self._sources[split])
 
-    def steps_per_epoch(self, global_batch: int) -> int:
+    host_shards = False  # every host reads rows of one global order (the numpy shards' default)
+
+    def steps_per_epoch(self, global_batch: int, process_count: int = 1) -> int:
         return dataset_lib.steps_per_epoch(self.num_rows(splits_lib.TRAIN), global_batch)
 
     def read(self, split: str, rows: np.ndarray) -> rows_lib.Batch:

@@ -16,13 +16,14 @@ over its 26 features, ~0.5 GiB, plus the same again while merging).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from typing import Any
 
 import numpy as np
 
-from ctr import tf_import
+from ctr import paths, tf_import
 from ctr.data import schema as schema_lib
 from ctr.data.fingerprint import fingerprint_strings
 
@@ -145,7 +146,7 @@ class Vocabulary:
 
     @staticmethod
     def load(data_dir: str) -> "Vocabulary":
-        with open(os.path.join(data_dir, _DIR, "vocab.json")) as f:
-            info = json.load(f)
-        kept = {name: np.load(os.path.join(data_dir, _DIR, f"{name}.npy")) for name in info["sizes"]}
+        info = json.loads(paths.read_text(paths.join(data_dir, _DIR, "vocab.json")))
+        kept = {name: np.load(io.BytesIO(paths.read_bytes(paths.join(data_dir, _DIR, f"{name}.npy"))))
+                for name in info["sizes"]}
         return Vocabulary(info["min_count"], kept)
