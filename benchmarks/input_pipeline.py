@@ -15,7 +15,11 @@ then measures:
     dataset (its rows/s and rows per CPU-second, beside the numpy prepare's of the same file), then host batches
     of the same ``train_batches`` order from ``tfds_dataset`` (``tfds.data_source`` + one
     ``tf.io.parse_example`` per batch), from the numpy shards of the same raw file, and, for reference, from
-    ``tfds.data_source`` with TFDS's per-example decoding (``--tfds_per_example_batches`` batches).
+    ``tfds.data_source`` with TFDS's per-example decoding (``--tfds_per_example_batches`` batches);
+(d) object store: the prepared shards of (b) copied to a GCS emulator on 127.0.0.1 (fake-gcs-server, as in
+    ``tests/ctr/test_object_store.py``), then host batches from ``gs://`` the two ways a job reads them:
+    streamed (each shard read whole into memory at first use; the load is timed with the first batches) and
+    staged (``prepared.stage_dir``: copied to local disk, then memory-mapped), beside the local figure of (b).
 
 Each figure is the best of ``--repeats`` runs (wall clock), with the process's CPU use next to it (cores busy =
 CPU seconds / wall seconds): on a shared machine other processes take cores, and the load average is printed with
@@ -49,7 +53,8 @@ flags.DEFINE_integer("batch_size", 8192, "Global batch size for (b).")
 flags.DEFINE_integer("batches", 200, "Batches timed in (b).")
 flags.DEFINE_integer("block_rows", 64, "Block size of the block-shuffled variant of (b).")
 flags.DEFINE_integer("repeats", 3, "Runs per figure; the best is reported.")
-flags.DEFINE_list("sections", ["a", "b", "c"], "Which of (a) parse, (b) prepared, (c) TFDS to measure.")
+flags.DEFINE_list("sections", ["a", "b", "c"], "Which of (a) parse, (b) prepared, (c) TFDS, (d) gs:// (GCS "
+                  "emulator) to measure; (d) needs (b)'s prepared data.")
 flags.DEFINE_integer("tfds_criteo_rows", 100_000, "Synthetic Criteo rows for (c).")
 flags.DEFINE_integer("tfds_avazu_rows", 100_000, "Synthetic Avazu rows for (c).")
 flags.DEFINE_integer("tfds_taobao_users", 4_000, "Synthetic TaobaoAds users for (c).")
@@ -157,6 +162,37 @@ def _tfds(dataset: str, spec: splits.SplitSpec) -> None:
           flush=True)  # fmt: skip
 
 
+def _object_store(dataset: str, local_dir: str) -> None:
+    """(d): the prepared shards of (b) on a local GCS emulator, streamed and staged."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "ctr"))
+    import gcs_testlib  # the tests' emulator: the same server and environment
+
+    from ctr import paths
+
+    with gcs_testlib.gcs_emulator("bench") as url:
+        os.environ.update(gcs_testlib.emulator_env(url))
+        remote = f"gs://bench/{dataset}"
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(local_dir) for f in fs) / 2**20
+        start = time.time()
+        paths.copy_tree(local_dir, remote)
+        print(f"{dataset}: (d) upload of {size:,.0f} MiB to the emulator: {size / (time.time() - start):,.0f} MiB/s",
+              flush=True)  # fmt: skip
+        start = time.time()
+        streamed = prepared.prepared(remote)
+        first = _batches(streamed, 0)  # opens (downloads) the train shards, draws the first batch
+        load = time.time() - start
+        print(f"{dataset}: (d) streamed from gs://: train shards loaded in {load:.1f}s; then host batches: "
+              f"{_best(_batches(streamed, FLAGS.batches), 'examples')}", flush=True)  # fmt: skip
+        del first
+        stage = os.path.join(FLAGS.work_dir, f"{dataset}_stage")
+        shutil.rmtree(stage, ignore_errors=True)
+        start = time.time()
+        staged = prepared.prepared(remote, stage_dir=stage)
+        _batches(staged, 0)
+        print(f"{dataset}: (d) staged from gs:// to local disk in {time.time() - start:.1f}s; then host batches "
+              f"(memory-mapped): {_best(_batches(staged, FLAGS.batches), 'examples')}", flush=True)  # fmt: skip
+
+
 def main(argv) -> None:
     del argv
     os.makedirs(FLAGS.work_dir, exist_ok=True)
@@ -184,6 +220,8 @@ def main(argv) -> None:
                       flush=True)  # fmt: skip
         if "c" in FLAGS.sections:
             _tfds(dataset, spec)
+        if "d" in FLAGS.sections:
+            _object_store(dataset, os.path.join(FLAGS.work_dir, f"{dataset}_prepared"))
 
 
 if __name__ == "__main__":
