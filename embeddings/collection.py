@@ -50,6 +50,8 @@ class Part(Protocol):
 
     def host_ids(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
+    def host_ids_tf(self, batch: Mapping[str, Any], index_tables: Mapping[str, Any]) -> dict[str, Any]: ...
+
     def encode(self, ids: Mapping[str, jax.Array]) -> dict[str, jax.Array]: ...
 
     def embed(self, rows: Mapping[str, jax.Array]) -> dict[str, jax.Array]: ...
@@ -125,6 +127,24 @@ class EmbeddingCollection:
     def host_ids(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Every lookup's device input (see module docstring, step 1)."""
         return {key: value for part in self.parts for key, value in part.host_ids(batch).items()}
+
+    def host_ids_tf(self, batch: Mapping[str, Any], index_tables: Mapping[str, Any]) -> dict[str, Any]:
+        """TensorFlow twin of :meth:`host_ids` (serving); ``index_tables``: see :meth:`index_tables_tf`."""
+        return {key: value for part in self.parts for key, value in part.host_ids_tf(batch, index_tables).items()}
+
+    def index_tables_tf(self) -> dict[str, Any]:
+        """Lookup key -> a TensorFlow hash table from fingerprint to vocabulary position, for every lookup that
+        indexes a vocabulary; one table per distinct vocabulary (build once: the SavedModel tracks them)."""
+        from ctr.data import vocab as vocab_lib
+
+        built: dict[int, Any] = {}
+        out = {}
+        for lk in self.lookups:
+            if lk.vocabulary is not None:
+                if id(lk.vocabulary) not in built:
+                    built[id(lk.vocabulary)] = vocab_lib.index_table_tf(lk.vocabulary)
+                out[lk.key] = built[id(lk.vocabulary)]
+        return out
 
     # -- device side ---------------------------------------------------------------------------------------------
     def init(self, rng: jax.Array) -> Tables:

@@ -48,13 +48,22 @@ def index(kept: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.where(kept[pos] == ids, pos, len(kept))
 
 
-def index_tf(kept: np.ndarray, ids: Any) -> Any:
-    """TensorFlow twin of :func:`index` (a static hash table from fingerprint to position), for serving."""
+def index_table_tf(kept: np.ndarray) -> Any:
+    """A TensorFlow static hash table from each kept fingerprint to its position, ``len(kept)`` for any other
+    (build once per vocabulary: an exported model tracks it as a resource)."""
     import tensorflow as tf  # only serving needs TF here
 
     keys = tf.constant(kept, tf.int64)
     positions = tf.range(len(kept), dtype=tf.int64)
-    table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, positions), len(kept))
+    return tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, positions), len(kept))
+
+
+def index_tf(kept: np.ndarray, ids: Any, table: Any = None) -> Any:
+    """TensorFlow twin of :func:`index`, through ``table`` (:func:`index_table_tf` of ``kept``; built here
+    when not given)."""
+    import tensorflow as tf
+
+    table = index_table_tf(kept) if table is None else table
     return table.lookup(tf.cast(ids, tf.int64))
 
 
@@ -126,12 +135,18 @@ class Vocabulary:
         pos = np.minimum(np.searchsorted(kept, ids), len(kept) - 1)
         return np.where(kept[pos] == ids, ids, self.oov_id(name))
 
-    def apply_tf(self, name: str, ids: Any) -> Any:
-        """TensorFlow twin of :meth:`apply` for the exported model (a static hash table per vocabulary)."""
+    def table_tf(self, name: str) -> Any:
+        """The TensorFlow static hash table behind :meth:`apply_tf` (build once per vocabulary)."""
         import tensorflow as tf  # only serving needs TF here
 
         kept = tf.constant(self.kept[name], tf.int64)
-        table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(kept, kept), self.oov_id(name))
+        return tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(kept, kept), self.oov_id(name))
+
+    def apply_tf(self, name: str, ids: Any, table: Any = None) -> Any:
+        """TensorFlow twin of :meth:`apply` for the exported model, through ``table`` (:meth:`table_tf`)."""
+        import tensorflow as tf
+
+        table = self.table_tf(name) if table is None else table
         return table.lookup(tf.cast(ids, tf.int64))
 
     def save(self, out_dir: str) -> None:
