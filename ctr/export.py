@@ -24,10 +24,12 @@ Signatures:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import os
 import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Sequence
 
@@ -164,8 +166,9 @@ def serving_outputs(module: Any, params: Any, tables: Any, dev: dict, ids: dict)
     return result
 
 
-def build_module(restored: Restored, platforms: Sequence[str] = DEFAULT_PLATFORMS) -> Any:
-    """The ``tf.Module`` to save: variables, vocabulary tables, and the three signature functions."""
+def build_module(restored: Restored, asset_dir: str, platforms: Sequence[str] = DEFAULT_PLATFORMS) -> Any:
+    """The ``tf.Module`` to save: variables, vocabulary tables (their files written to ``asset_dir``, which must
+    live until the module is saved), and the three signature functions."""
     import tensorflow as tf
     from jax.experimental import jax2tf
 
@@ -184,9 +187,19 @@ def build_module(restored: Restored, platforms: Sequence[str] = DEFAULT_PLATFORM
     root = tf.Module()
     root.params = tf.nest.map_structure(lambda a: tf.Variable(a, trainable=False), restored.params)
     root.tables = {name: tf.Variable(t, trainable=False, name=name.replace("/", "__")) for name, t in restored.tables.items()}
-    root.index_tables = collection.index_tables_tf()
+    tables_by_content: dict[bytes, Any] = {}
+
+    def make_table(kept: np.ndarray) -> Any:
+        """One fingerprint -> position table per distinct vocabulary, read from an asset file."""
+        key = hashlib.sha256(np.asarray(kept, np.int64).tobytes()).digest()
+        if key not in tables_by_content:
+            path = os.path.join(asset_dir, f"vocab_{len(tables_by_content)}.txt")
+            tables_by_content[key] = vocab_lib.index_table_tf(kept, path)
+        return tables_by_content[key]
+
+    root.index_tables = collection.index_tables_tf(make_table)
     vocab = restored.vocab
-    root.vocab_tables = {name: vocab.table_tf(name) for name in vocab.kept} if vocab is not None else {}
+    root.vocab_tables = {name: make_table(kept) for name, kept in vocab.kept.items()} if vocab is not None else {}
 
     def preprocess(features):
         batch = serving.host_batch_tf(schema, features, vocab, root.vocab_tables)
@@ -238,12 +251,13 @@ def export(run_dir: str, export_dir: str, step: int | None = None, platforms: Se
 
     start = time.time()
     restored = restore(run_dir, step)
-    root = build_module(restored, platforms)
     path = os.path.join(export_dir, str(restored.step))
     partial = f"{path}.partial{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(export_dir, exist_ok=True)
-    tf.saved_model.save(root, partial, signatures=signatures_of(root))
+    with tempfile.TemporaryDirectory() as asset_dir:
+        root = build_module(restored, asset_dir, platforms)
+        tf.saved_model.save(root, partial, signatures=signatures_of(root))
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(partial, path)

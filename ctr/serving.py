@@ -24,6 +24,7 @@ into the same columns.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Mapping
 
 from ctr.data import avazu, criteo, taobao
@@ -85,32 +86,37 @@ def raw_layout(schema: schema_lib.FeatureSchema) -> RawLayout:
     raise ValueError(f"no serving layout for dataset {schema.name!r}")
 
 
-def check_inputs_tf(layout: RawLayout, features: Mapping[str, Any]) -> Any:
-    """Asserts every input's rank and that all have one batch length; returns that length (int32 scalar)."""
+def check_inputs_tf(layout: RawLayout, features: Mapping[str, Any]) -> dict[str, Any]:
+    """``features`` once every input's rank and batch length (that of the first input) are asserted: what
+    follows runs only after the checks passed (so no later op fails first with a message naming no column)."""
     import tensorflow as tf
 
     names = layout.columns + layout.sequences + ((HISTORY_LENGTH,) if layout.sequences else ())
     batch = tf.shape(features[names[0]])[0]
+    checks = []
     for name in names:
         value = features[name]
         rank = 2 if name in layout.sequences else 1
-        tf.debugging.assert_equal(
-            tf.size(tf.shape(value)), rank, message=f"input {name}: expected rank {rank} ([batch{', L' * (rank - 1)}])"
-        )
-        tf.debugging.assert_equal(
-            tf.shape(value)[0], batch, message=f"input {name}: its batch length differs from {names[0]}'s"
-        )
-    return batch
+        shape = "[batch, L]" if rank == 2 else "[batch]"
+        checks.append(tf.debugging.assert_equal(tf.size(tf.shape(value)), rank,
+                                                message=f"input {name}: expected rank {rank} ({shape})"))  # fmt: skip
+        checks.append(tf.debugging.assert_equal(tf.shape(value)[0], batch,
+                                                message=f"input {name}: its batch length differs from {names[0]}'s"))  # fmt: skip
+    with tf.control_dependencies(checks):
+        return {name: tf.identity(features[name]) for name in names}
 
 
-def _assert_matches(name: str, values: Any, pattern: str, what: str) -> None:
+def _checked(name: str, values: Any, pattern: str, what: str) -> Any:
+    """``values`` once asserted to match ``pattern`` (the message names the input and shows bad values)."""
     import tensorflow as tf
 
     ok = tf.strings.regex_full_match(values, pattern)
     bad = tf.boolean_mask(values, tf.logical_not(ok))
-    tf.debugging.Assert(
+    check = tf.debugging.Assert(
         tf.reduce_all(ok), [f"input {name}: expected {what}, got", bad[:3]], summarize=3, name=f"check_{name}"
     )
+    with tf.control_dependencies([check]):
+        return tf.identity(values)
 
 
 def _null_to_missing(values: Any) -> Any:
@@ -126,19 +132,18 @@ def host_batch_tf(
     """The raw inputs of :func:`raw_layout` -> the host batch of ``schema`` (no label or group): int64
     fingerprints per categorical feature and sequence (0 on padding), ``dense`` float32, sequence masks.
 
-    ``vocab``/``vocab_tables``: the prepared data's vocabulary and its :meth:`~ctr.data.vocab.Vocabulary.table_tf`
+    ``vocab``/``vocab_tables``: the prepared data's vocabulary and its :func:`~ctr.data.vocab.index_table_tf`
     tables by vocabulary name, when the run trained on data prepared with one (values outside it become OOV).
     """
     import tensorflow as tf
 
     layout = raw_layout(schema)
-    check_inputs_tf(layout, features)
+    features = check_inputs_tf(layout, features)
     batch: dict[str, Any] = {}
     if schema.name == criteo.NAME:
         ints, present = [], []
         for name in criteo.INT_FIELDS:
-            value = features[name]
-            _assert_matches(name, value, f"|{_INTEGER}", "an integer or an empty string")
+            value = _checked(name, features[name], f"|{_INTEGER}", "an integer or an empty string")
             present.append(tf.not_equal(value, ""))
             ints.append(tf.strings.to_number(tf.where(present[-1], value, "0"), tf.int64))
         batch[schema_lib.DENSE] = tf.stack(
@@ -151,8 +156,7 @@ def host_batch_tf(
                 field = criteo.bucket_field(name)
                 batch[field] = fingerprint(field, criteo.int_bucket_strings_tf(x, p))
     elif schema.name == avazu.NAME:
-        hour = features["hour"]
-        _assert_matches("hour", hour, "[0-9]{6}([01][0-9]|2[0-3])", "YYMMDDHH")
+        hour = _checked("hour", features["hour"], "[0-9]{6}([01][0-9]|2[0-3])", "YYMMDDHH")
         for name in avazu.RAW_CATEGORICAL:
             batch[name] = fingerprint(name, features[name])
         for name, value in avazu.time_features_tf(hour).items():
@@ -162,14 +166,15 @@ def host_batch_tf(
         for name in ("user", "adgroup_id", "pid") + taobao.AD_FEATURES + taobao.PROFILE_FEATURES:
             value = _null_to_missing(features[name]) if name in side else features[name]
             batch["userid" if name == "user" else name] = fingerprint("userid" if name == "user" else name, value)
-        price = features["price"]
-        _assert_matches("price", price, _NUMBER, "a number >= 0")
+        price = _checked("price", features["price"], _NUMBER, "a number >= 0")
         batch[schema_lib.DENSE] = tf.cast(tf.math.log1p(tf.strings.to_number(price, tf.float64)), tf.float32)[:, None]
         length = features[HISTORY_LENGTH]
-        tf.debugging.assert_less_equal(
-            length, tf.constant(layout.max_len, tf.int64), message=f"input {HISTORY_LENGTH}: above L = {layout.max_len}"
-        )
-        tf.debugging.assert_non_negative(length, message=f"input {HISTORY_LENGTH}: negative")
+        in_range = tf.logical_and(length >= 0, length <= layout.max_len)
+        check = tf.debugging.Assert(tf.reduce_all(in_range), [
+            f"input {HISTORY_LENGTH}: expected lengths in [0, {layout.max_len}], got", tf.boolean_mask(length, ~in_range)[:3],
+        ])  # fmt: skip
+        with tf.control_dependencies([check]):
+            length = tf.identity(length)
         mask = _right_aligned_mask(length, layout.max_len)
         for seq in schema.sequences:
             values = _right_align(features[seq.name], length, layout.max_len)
@@ -219,17 +224,57 @@ def split_lines_tf(layout: RawLayout, lines: Any) -> dict[str, Any]:
 
     if not layout.line_fields:
         raise ValueError("this dataset has no one-line raw form")
-    tf.debugging.assert_equal(tf.size(tf.shape(lines)), 1, message="input lines: expected rank 1 ([batch])")
-    lines = tf.strings.regex_replace(lines, "\r$", "")
+    rank = tf.debugging.assert_equal(tf.size(tf.shape(lines)), 1, message="input lines: expected rank 1 ([batch])")
+    with tf.control_dependencies([rank]):
+        lines = tf.strings.regex_replace(lines, "\r$", "")
     parts = tf.strings.split(lines, layout.delimiter)
     counts = parts.row_lengths()
     expected = len(layout.line_fields)
     bad = tf.where(tf.not_equal(counts, expected))[:, 0]
-    tf.debugging.Assert(
+    check = tf.debugging.Assert(
         tf.equal(tf.size(bad), 0),
         [f"input lines: expected {expected} fields separated by {layout.delimiter!r}; line (0-based) and its field "
          "count:", bad[:1], tf.gather(counts, bad[:1])],
         name="check_lines",
     )  # fmt: skip
-    dense = parts.to_tensor(default_value="", shape=[None, expected])
+    with tf.control_dependencies([check]):
+        dense = parts.to_tensor(default_value="", shape=[None, expected])
     return {name: dense[:, layout.line_fields.index(name)] for name in layout.columns}
+
+
+def taobao_requests(raw_dir: str, max_len: int, limit: int | None = None) -> dict[str, Any]:
+    """``serving_default`` inputs for the impressions of raw TaobaoAds files (the first ``limit``), joined as a
+    client would: each impression's ad and user profile rows (empty strings for a user without one) and its
+    user's last ``max_len`` behaviours strictly before its time (ties in log order). Plain Python, for examples,
+    tests and benchmarks (the training reader joins in numpy, out of core)."""
+    import csv
+    import numpy as np
+
+    def rows(name):
+        with open(os.path.join(raw_dir, name + ".csv"), newline="") as f:
+            reader = csv.reader(f)
+            next(reader)
+            yield from reader
+
+    ads = {r[0]: r[1:] for r in rows("ad_feature")}
+    users = {r[0]: r[1:] for r in rows("user_profile")}
+    history: dict[str, list] = {}
+    for i, (user, ts, btag, cate, brand) in enumerate(rows("behavior_log")):
+        history.setdefault(user, []).append((int(ts), i, cate, brand, btag))
+    for events in history.values():
+        events.sort()
+    columns: dict[str, list] = {name: [] for name in _TAOBAO_COLUMNS + tuple(_TAOBAO_SEQUENCE_FIELDS)}
+    columns[HISTORY_LENGTH] = []
+    for n, (user, ts, adgroup, pid, _, _) in enumerate(rows("raw_sample")):
+        if limit is not None and n >= limit:
+            break
+        profile = users.get(user, [""] * len(taobao.PROFILE_FEATURES))
+        for name, value in zip(_TAOBAO_COLUMNS, [user, adgroup, pid, *ads[adgroup], *profile]):
+            columns[name].append(value)
+        events = [e for e in history.get(user, []) if e[0] < int(ts)][-max_len:]
+        columns[HISTORY_LENGTH].append(len(events))
+        for j, name in enumerate(_TAOBAO_SEQUENCE_FIELDS):  # cate, brand, btag: oldest first, then padding
+            columns[name].append([e[2 + j] for e in events] + [""] * (max_len - len(events)))
+    out = {name: np.array(values, object) for name, values in columns.items()}
+    out[HISTORY_LENGTH] = out[HISTORY_LENGTH].astype(np.int64)
+    return out

@@ -446,6 +446,9 @@ def train(
         )
         print(f"Finished {num_steps} steps in {train_wall:.1f}s of training. {summary}", flush=True)
         print(f"Results: {os.path.abspath(os.path.join(run_dir, 'results.json'))}", flush=True)
+    from ctr import export  # here: ctr.export imports this module
+
+    export.export_at_end(run_dir)  # a SavedModel of the last checkpoint when export_at_end.enabled
     return results
 
 

@@ -24,7 +24,7 @@ are summed and applied in float32).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
 import numpy as np
@@ -132,19 +132,10 @@ class EmbeddingCollection:
         """TensorFlow twin of :meth:`host_ids` (serving); ``index_tables``: see :meth:`index_tables_tf`."""
         return {key: value for part in self.parts for key, value in part.host_ids_tf(batch, index_tables).items()}
 
-    def index_tables_tf(self) -> dict[str, Any]:
-        """Lookup key -> a TensorFlow hash table from fingerprint to vocabulary position, for every lookup that
-        indexes a vocabulary; one table per distinct vocabulary (build once: the SavedModel tracks them)."""
-        from ctr.data import vocab as vocab_lib
-
-        built: dict[int, Any] = {}
-        out = {}
-        for lk in self.lookups:
-            if lk.vocabulary is not None:
-                if id(lk.vocabulary) not in built:
-                    built[id(lk.vocabulary)] = vocab_lib.index_table_tf(lk.vocabulary)
-                out[lk.key] = built[id(lk.vocabulary)]
-        return out
+    def index_tables_tf(self, make_table: Callable[[np.ndarray], Any]) -> dict[str, Any]:
+        """Lookup key -> ``make_table(vocabulary)`` (e.g. :func:`ctr.data.vocab.index_table_tf`) for every lookup
+        that indexes a vocabulary (build once: the SavedModel tracks them)."""
+        return {lk.key: make_table(lk.vocabulary) for lk in self.lookups if lk.vocabulary is not None}
 
     # -- device side ---------------------------------------------------------------------------------------------
     def init(self, rng: jax.Array) -> Tables:

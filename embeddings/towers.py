@@ -78,8 +78,8 @@ class TowerCollections:
     def host_ids_tf(self, batch: Mapping[str, Any], index_tables: Mapping[str, Any]) -> dict[str, Any]:
         return self._merge(c.host_ids_tf(batch, t) for (_, c), t in zip(self.towers, self._split(index_tables)))
 
-    def index_tables_tf(self) -> dict[str, Any]:
-        return self._merge(c.index_tables_tf() for _, c in self.towers)
+    def index_tables_tf(self, make_table: Callable[[np.ndarray], Any]) -> dict[str, Any]:
+        return self._merge(c.index_tables_tf(make_table) for _, c in self.towers)
 
     def init(self, rng: jax.Array) -> dict[str, jax.Array]:
         keys = jax.random.split(rng, len(self.towers))
