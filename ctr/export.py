@@ -220,7 +220,7 @@ def build_module(restored: Restored, asset_dir: str, platforms: Sequence[str] = 
 
     root.row_ids = tf.function(row_ids, input_signature=[signature], jit_compile=False, autograph=False)
     if layout.line_fields:
-        lines_spec = tf.TensorSpec([None], tf.string, name="lines")
+        lines_spec = tf.TensorSpec(None, tf.string, name="lines")  # checked in the graph (see serving)
         root.parse_lines = tf.function(
             lambda lines: score(serving.split_lines_tf(layout, lines)), input_signature=[lines_spec], jit_compile=False,
             autograph=False,
@@ -241,8 +241,9 @@ def signatures_of(root: Any) -> dict[str, Any]:
 
 
 def export(run_dir: str, export_dir: str, step: int | None = None, platforms: Sequence[str] = DEFAULT_PLATFORMS,
-           verbose: bool = True) -> str:  # fmt: skip
-    """Exports the run of the parsed config to ``export_dir/<step>``; returns that path.
+           verbose: bool = True, restored: Restored | None = None) -> str:  # fmt: skip
+    """Exports the run of the parsed config to ``export_dir/<step>`` (``restored``: the run already restored,
+    :func:`restore`); returns that path.
 
     The version directory appears whole or not at all (written beside it, then renamed); an existing version
     is replaced.
@@ -250,7 +251,7 @@ def export(run_dir: str, export_dir: str, step: int | None = None, platforms: Se
     import tensorflow as tf
 
     start = time.time()
-    restored = restore(run_dir, step)
+    restored = restore(run_dir, step) if restored is None else restored
     path = os.path.join(export_dir, str(restored.step))
     partial = f"{path}.partial{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
@@ -262,12 +263,13 @@ def export(run_dir: str, export_dir: str, step: int | None = None, platforms: Se
         shutil.rmtree(path)
     os.replace(partial, path)
     if verbose:
-        print(describe(path, root, time.time() - start), flush=True)
+        print(describe(path, root, time.time() - start, serving.raw_layout(restored.schema)), flush=True)
     return path
 
 
-def describe(path: str, root: Any, seconds: float) -> str:
-    """What was written and the signatures, for the command's output."""
+def describe(path: str, root: Any, seconds: float, layout: serving.RawLayout) -> str:
+    """What was written and the signatures, for the command's output (input shapes as checked in the graph:
+    the specs themselves leave them open, see :meth:`ctr.serving.RawLayout.input_signature`)."""
     sizes = {name: os.path.getsize(os.path.join(d, name)) for d, _, names in os.walk(path) for name in names}
     pb = os.path.getsize(os.path.join(path, "saved_model.pb"))
     lines = [f"Exported {path} in {seconds:.1f}s: saved_model.pb {pb / 1e6:.2f} MB, "
@@ -277,8 +279,12 @@ def describe(path: str, root: Any, seconds: float) -> str:
         inputs = dict(kwargs)
         for arg in args:
             inputs.update(arg if isinstance(arg, dict) else {arg.name: arg})
-        shown = ", ".join(f"{k}: {v.dtype.name}{list(v.shape)}" for k, v in inputs.items())
-        outputs = ", ".join(f"{k}: {v.dtype.name}{list(v.shape)}" for k, v in sorted(fn.structured_outputs.items()))
+        def dims(k):
+            return "[B, L]".replace("L", str(layout.max_len)) if k in layout.sequences else "[B]"
+
+        shown = ", ".join(f"{k}: {v.dtype.name}{dims(k)}" for k, v in inputs.items())
+        outputs = ", ".join(f"{k}: {v.dtype.name}{list(v.shape)}".replace("None", "B")
+                            for k, v in sorted(fn.structured_outputs.items()))  # fmt: skip
         if name == "row_ids":
             shown = "the inputs of serving_default"
             outputs = f"{len(fn.structured_outputs)} tensors (row ids per lookup, dense features, masks)"

@@ -57,14 +57,16 @@ class RawLayout:
     delimiter: str = ","
 
     def input_signature(self) -> dict[str, Any]:
-        """Input name -> ``tf.TensorSpec`` (batch dimension ``None``)."""
+        """Input name -> ``tf.TensorSpec``. The specs leave the shape open: TensorFlow folds a rank check
+        against a declared shape away at trace time, and a tensor of another rank would then fail deep in the
+        model with a message naming nothing; :func:`check_inputs_tf` checks ranks and lengths at run time."""
         import tensorflow as tf
 
-        spec = {c: tf.TensorSpec([None], tf.string, name=c) for c in self.columns}
+        spec = {c: tf.TensorSpec(None, tf.string, name=c) for c in self.columns}
         for s in self.sequences:
-            spec[s] = tf.TensorSpec([None, self.max_len], tf.string, name=s)
+            spec[s] = tf.TensorSpec(None, tf.string, name=s)
         if self.sequences:
-            spec[HISTORY_LENGTH] = tf.TensorSpec([None], tf.int64, name=HISTORY_LENGTH)
+            spec[HISTORY_LENGTH] = tf.TensorSpec(None, tf.int64, name=HISTORY_LENGTH)
         return spec
 
 
@@ -87,23 +89,36 @@ def raw_layout(schema: schema_lib.FeatureSchema) -> RawLayout:
 
 
 def check_inputs_tf(layout: RawLayout, features: Mapping[str, Any]) -> dict[str, Any]:
-    """``features`` once every input's rank and batch length (that of the first input) are asserted: what
-    follows runs only after the checks passed (so no later op fails first with a message naming no column)."""
+    """``features`` once every input's shape (``[B]``, sequences ``[B, L]``, one ``B``: the first input's) is
+    checked, reshaped to their static ranks. Everything after depends on the checks, and nothing before them
+    can fail on a shape (TensorFlow would report that first, naming no input): dimensions are read from the
+    shape padded with zeros, and the reshapes are valid for any element count."""
     import tensorflow as tf
 
     names = layout.columns + layout.sequences + ((HISTORY_LENGTH,) if layout.sequences else ())
-    batch = tf.shape(features[names[0]])[0]
-    checks = []
+    out = {}
+    batch = None
     for name in names:
         value = features[name]
-        rank = 2 if name in layout.sequences else 1
-        shape = "[batch, L]" if rank == 2 else "[batch]"
-        checks.append(tf.debugging.assert_equal(tf.size(tf.shape(value)), rank,
-                                                message=f"input {name}: expected rank {rank} ({shape})"))  # fmt: skip
-        checks.append(tf.debugging.assert_equal(tf.shape(value)[0], batch,
-                                                message=f"input {name}: its batch length differs from {names[0]}'s"))  # fmt: skip
-    with tf.control_dependencies(checks):
-        return {name: tf.identity(features[name]) for name in names}
+        sequence = name in layout.sequences
+        shown = f"[batch, {layout.max_len}]" if sequence else "[batch]"
+        dims = tf.shape(value)
+        padded = tf.pad(dims, [[0, 2]])  # [d0, d1, ...] and zeros: safe to index whatever the rank
+        batch = padded[0] if batch is None else batch
+        ok = tf.logical_and(tf.equal(tf.size(dims), 2 if sequence else 1), tf.equal(padded[0], batch))
+        if sequence:
+            ok = tf.logical_and(ok, tf.equal(padded[1], layout.max_len))
+        check = tf.debugging.Assert(ok, [f"input {name}: expected shape {shown} with the batch length of {names[0]}, "
+                                         "got", dims])  # fmt: skip
+        with tf.control_dependencies([check]):
+            flat = tf.reshape(tf.identity(value), [-1])
+        if sequence:
+            size = tf.size(flat)
+            flat = tf.pad(flat, [[0, (layout.max_len - size % layout.max_len) % layout.max_len]])  # no-op once checked
+            out[name] = tf.reshape(flat, [-1, layout.max_len])
+        else:
+            out[name] = flat
+    return out
 
 
 def _checked(name: str, values: Any, pattern: str, what: str) -> Any:
@@ -224,9 +239,9 @@ def split_lines_tf(layout: RawLayout, lines: Any) -> dict[str, Any]:
 
     if not layout.line_fields:
         raise ValueError("this dataset has no one-line raw form")
-    rank = tf.debugging.assert_equal(tf.size(tf.shape(lines)), 1, message="input lines: expected rank 1 ([batch])")
+    rank = tf.debugging.Assert(tf.equal(tf.rank(lines), 1), ["input lines: expected shape [batch], got", tf.shape(lines)])
     with tf.control_dependencies([rank]):
-        lines = tf.strings.regex_replace(lines, "\r$", "")
+        lines = tf.strings.regex_replace(tf.reshape(tf.identity(lines), [-1]), "\r$", "")
     parts = tf.strings.split(lines, layout.delimiter)
     counts = parts.row_lengths()
     expected = len(layout.line_fields)

@@ -10,8 +10,7 @@ restored state. The SavedModel's side runs in one child process that cannot impo
 - criteo / DCNv2 / per-feature vocabulary tables (data prepared with ``min_count``, integer buckets);
 - avazu / DLRM / hashed tables, row-sharded over all 8 devices while training;
 - criteo / DHEN / mixed (Unified Embedding + DHE per feature);
-- taobao / InterFormer / Unified Embedding (behaviour sequences);
-- taobao / CETNet, the InterFormer tower on Unified Embedding and the DHEN tower on DHE.
+- taobao / CETNet: an InterFormer tower (behaviour sequences) on Unified Embedding, a DHEN tower on DHE, fused.
 """
 import os
 import pickle
@@ -62,13 +61,6 @@ CASES = {
         'build_collection.default_family = "unified"', 'build_collection.family_of = {"C3": "dhe", "C12": "dhe"}',
         "build_collection.default_dim = 8", "Unified.budget_rows = 4096", "Unified.num_tables = 2",
         "Unified.dim_per_chunk = 4", *TINY_DHE]),
-    "taobao-interformer-unified": dict(dataset="taobao", bindings=[
-        "train.dataset_fn = @synthetic_taobao", "synthetic_taobao.num_users = 300",
-        f"synthetic_taobao.max_len = {TAOBAO_LEN}", "train.batch_size = 128",
-        "train.model_name = 'interformer'", "InterFormer.dim = 8", "InterFormer.num_layers = 1",
-        "InterFormer.head = (16,)", "train.embedding_fn = @build_collection",
-        'build_collection.families = {"unified": @Unified()}', "build_collection.default_dim = 8",
-        "Unified.budget_rows = 4096", "Unified.num_tables = 2", "Unified.dim_per_chunk = 4"]),
     "taobao-cetnet-towers": dict(dataset="taobao", bindings=[
         "train.dataset_fn = @synthetic_taobao", "synthetic_taobao.num_users = 300",
         f"synthetic_taobao.max_len = {TAOBAO_LEN}", "train.batch_size = 128",
@@ -147,8 +139,8 @@ def _train_and_export(name, case, root):
     run_dir = str(root / "run")
     results = trainer.train(run_dir=run_dir)
     export_lib.parse_run_config(run_dir)
-    path = export_lib.export(run_dir, str(root / "export"))
     restored = export_lib.restore(run_dir)
+    path = export_lib.export(run_dir, str(root / "export"), restored=restored)
     gin.clear_config()
     return run_dir, path, restored, results
 
@@ -231,7 +223,7 @@ def served(tmp_path_factory):
 def _bad_requests(cases):
     criteo_cols = cases["criteo-dcnv2-vocab"]["columns"]
     first = _take(criteo_cols, slice(0, 4))
-    taobao_cols = _take(cases["taobao-interformer-unified"]["columns"], slice(0, 4))
+    taobao_cols = _take(cases["taobao-cetnet-towers"]["columns"], slice(0, 4))
     out = {
         "missing": {k: v for k, v in first.items() if k != "C5"},
         "dtype": {**first, "I3": np.array([1, 2, 3, 4], np.int64)},
@@ -242,7 +234,8 @@ def _bad_requests(cases):
     bad = {f"bad_{k}": ("criteo-dcnv2-vocab", "serving_default", v) for k, v in out.items()}
     bad["bad_lines"] = ("criteo-dcnv2-vocab", "parse_lines", {"lines": np.array(["1\t2\t3", "0" + "\t" * 39], object)})
     long = dict(taobao_cols, history_length=np.array([1, TAOBAO_LEN + 1, 0, 2], np.int64))
-    bad["bad_history"] = ("taobao-interformer-unified", "serving_default", long)
+    bad["bad_history"] = ("taobao-cetnet-towers", "serving_default", long)
+    bad["bad_seq_len"] = ("taobao-cetnet-towers", "serving_default", dict(taobao_cols, cate_his=taobao_cols["cate_his"][:, 1:]))
     return bad
 
 
@@ -304,14 +297,15 @@ def test_restored_state_is_the_trained_state(served):
 def test_bad_input_fails_with_invalid_argument_naming_the_column(served):
     a = served["criteo-dcnv2-vocab"]["a"]
     expect = {"bad_missing": ("TypeError", "C5"), "bad_dtype": ("InvalidArgumentError", "string"),
-              "bad_rank": ("InvalidArgumentError", "input C7"), "bad_lengths": ("InvalidArgumentError", "input C9"),
+              "bad_rank": ("InvalidArgumentError", "input C7: expected shape [batch]"), "bad_lengths": ("InvalidArgumentError", "input C9"),
               "bad_not_a_number": ("InvalidArgumentError", "input I4"),
               "bad_lines": ("InvalidArgumentError", "expected 40 fields")}  # fmt: skip
     for label, (kind, text) in expect.items():
         answer = a[label]
         assert isinstance(answer, tuple) and answer[1] == kind and text in answer[2], (label, answer[:2], answer[2][:500])
-    answer = served["taobao-interformer-unified"]["a"]["bad_history"]
-    assert answer[1] == "InvalidArgumentError" and "input history_length" in answer[2], answer
+    a = served["taobao-cetnet-towers"]["a"]
+    for label, text in (("bad_history", "input history_length"), ("bad_seq_len", "input cate_his")):
+        assert a[label][1] == "InvalidArgumentError" and text in a[label][2], (label, a[label])
 
 
 def test_tables_are_variables_and_saved_model_pb_stays_small(served):
