@@ -34,6 +34,7 @@ from ctr.data import vocab as vocab_lib
 from ctr.data import schema as schema_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
 TINY = os.path.join(HERE, "tiny.gin")
 SERVE = os.path.join(HERE, "serve_saved_model.py")
 ROWS = 1000
@@ -43,16 +44,16 @@ COMMON = ["train.num_steps = 8", "train.log_every = 4", 'train.final_eval_splits
 TINY_DHE = ["DHE.k = 32", "DHE.hidden = (16,)", "DHE.shared = True"]
 
 CASES = {
-    "criteo-dcnv2-vocab": dict(dataset="criteo", prepared=True, bindings=[
+    "criteo-dcnv2-vocab": dict(dataset="criteo", prepared=True, export="cli", bindings=[
         "train.model_name = 'dcnv2'", "train.embedding_fn = @build_collection",
         'build_collection.families = {"per_feature": @PerFeature()}', "build_collection.default_dim = 8",
         "PerFeature.vocabularies = @vocabularies()"]),
-    "avazu-dlrm-hashed-sharded": dict(dataset="avazu", bindings=[
+    "avazu-dlrm-hashed-sharded": dict(dataset="avazu", export="hook", bindings=[
         "train.dataset_fn = @synthetic_avazu", "synthetic_avazu.num_rows = 6000",
         "train.model_name = 'dlrm'", "DLRM.dim = 8", "DLRM.bottom_mlp = (16,)", "DLRM.top_mlp = (16,)",
         "train.embedding_fn = @build_collection", 'build_collection.families = {"hashed": @PerFeature()}',
         "build_collection.default_dim = 8", "PerFeature.num_buckets = 300",
-        'logical_rules.table_rows = ("data", "model")']),
+        'logical_rules.table_rows = ("data", "model")', "export_at_end.enabled = True"]),
     "criteo-dhen-mixed": dict(dataset="criteo", bindings=[
         "synthetic_criteo.int_buckets = True",
         "train.model_name = 'dhen'", "DHENModel.dim = 8", "DHENModel.head = (16,)",
@@ -140,7 +141,16 @@ def _train_and_export(name, case, root):
     results = trainer.train(run_dir=run_dir)
     export_lib.parse_run_config(run_dir)
     restored = export_lib.restore(run_dir)
-    path = export_lib.export(run_dir, str(root / "export"), restored=restored)
+    if case.get("export") == "hook":  # export_at_end.enabled: the trainer exported to <run_dir>/export
+        path = os.path.join(run_dir, "export", str(results["steps"]))
+    elif case.get("export") == "cli":
+        done = subprocess.run([sys.executable, "-m", "ctr.export", f"--run_dir={run_dir}",
+                               f"--export_dir={root / 'export'}"], capture_output=True, text=True, cwd=REPO)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        path = str(root / "export" / str(results["steps"]))
+        assert f"Exported {path}" in done.stdout and "signature parse_lines(lines: string[B])" in done.stdout
+    else:
+        path = export_lib.export(run_dir, str(root / "export"), restored=restored)
     gin.clear_config()
     return run_dir, path, restored, results
 
@@ -306,6 +316,14 @@ def test_bad_input_fails_with_invalid_argument_naming_the_column(served):
     a = served["taobao-cetnet-towers"]["a"]
     for label, text in (("bad_history", "input history_length"), ("bad_seq_len", "input cate_his")):
         assert a[label][1] == "InvalidArgumentError" and text in a[label][2], (label, a[label])
+
+
+def test_export_command_reports_a_run_without_checkpoints(tmp_path):
+    (tmp_path / "config.gin").write_text("")
+    for args, text in (([f"--run_dir={tmp_path / 'nope'}"], "no config.gin"), ([f"--run_dir={tmp_path}"], "no checkpoint")):
+        done = subprocess.run([sys.executable, "-m", "ctr.export", *args, f"--export_dir={tmp_path / 'out'}"],
+                              capture_output=True, text=True, cwd=REPO)  # fmt: skip
+        assert done.returncode == 2 and text in done.stderr and "ctr.export: error:" in done.stderr, done.stderr[-800:]
 
 
 def test_tables_are_variables_and_saved_model_pb_stays_small(served):
