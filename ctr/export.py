@@ -306,7 +306,8 @@ def parse_run_config(run_dir: str, gin_params: Sequence[str] = ()) -> None:
     """Parses the run's ``config.gin`` (written by the trainer when it started) and ``gin_params``.
 
     Raises:
-      errors.ConfigError: no config.gin (not a run directory), or a binding that does not parse.
+      errors.UserError: no config.gin (not a run directory).
+      errors.ConfigError: a binding that does not parse.
     """
     from ctr import config
 
@@ -314,16 +315,18 @@ def parse_run_config(run_dir: str, gin_params: Sequence[str] = ()) -> None:
 
     path = os.path.join(run_dir, "config.gin")
     if not os.path.isfile(path):
-        raise errors.ConfigError(f"--run_dir={run_dir}: no config.gin (not a ctr run directory)")
+        raise errors.UserError(f"--run_dir={run_dir}: no config.gin (not a ctr run directory)")
     gin.clear_config()
     config.parse([path], list(gin_params))
 
 
 def main(argv: list[str]) -> int:
-    from absl import flags
+    from absl import flags, logging
 
     if len(argv) > 1:
         return errors.report(COMMAND, f"unexpected arguments: {argv[1:]}", "usage error")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
     if "BUILD_WORKING_DIRECTORY" in os.environ:
         os.chdir(os.environ["BUILD_WORKING_DIRECTORY"])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -334,6 +337,8 @@ def main(argv: list[str]) -> int:
         parse_run_config(run_dir, flags.FLAGS.gin_param)
     except errors.ConfigError as e:
         return errors.report(COMMAND, e, "configuration error")
+    except errors.UserError as e:
+        return errors.report(COMMAND, e)
     try:
         export(run_dir, export_dir, flags.FLAGS.step, tuple(flags.FLAGS.platforms))
     except errors.UserError as e:
