@@ -185,12 +185,15 @@ def measure(model: str) -> dict:
     child = subprocess.run([sys.executable, os.path.abspath(__file__), "--serve_child", job], check=True,
                            capture_output=True, text=True)  # fmt: skip
     tf_times = {int(k): v for k, v in json.loads(child.stdout.strip().splitlines()[-1]).items()}
-    sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs]
+    def megabytes(sub: str) -> float:
+        top = os.path.join(path, sub)
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(top) for f in fs) / 1e6
     table_bytes = sum(t.nbytes for t in restored.tables.values())
     return {
         "model": model, "dataset": dataset, "export_s": export_s, "load_during_export": load_export,
         "saved_model_pb_mb": os.path.getsize(os.path.join(path, "saved_model.pb")) / 1e6,
-        "total_mb": sum(sizes) / 1e6, "table_mb": table_bytes / 1e6,
+        "total_mb": megabytes(""), "variables_mb": megabytes("variables"), "assets_mb": megabytes("assets"),
+        "table_mb": table_bytes / 1e6,
         "savedmodel": {b: _stats(t, b) for b, t in tf_times.items()}, "load_savedmodel": _load(),
         "jax": {b: _stats(t, b) for b, t in jax_times.items()}, "load_jax": load_jax,
     }  # fmt: skip
@@ -203,8 +206,8 @@ def main(argv):
     for model in FLAGS.models:
         r = measure(model)
         print(f"\n{model} on synthetic {r['dataset']}: export {r['export_s']:.1f}s ({r['load_during_export']}), "
-              f"saved_model.pb {r['saved_model_pb_mb']:.2f} MB, {r['total_mb']:.1f} MB in all, tables "
-              f"{r['table_mb']:.1f} MB")  # fmt: skip
+              f"saved_model.pb {r['saved_model_pb_mb']:.2f} MB, variables/ {r['variables_mb']:.1f} MB (tables "
+              f"{r['table_mb']:.1f} MB), assets/ {r['assets_mb']:.1f} MB, {r['total_mb']:.1f} MB in all")  # fmt: skip
         print("| | batch 1 p50 / p99 ms | batch 256 p50 / p99 ms | batch 1024 examples/s |")
         print("| --- | ---: | ---: | ---: |")
         for side, label, load in (("savedmodel", "SavedModel (raw strings in)", r["load_savedmodel"]),
