@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import logging
 import os
 import shutil
 import sys
@@ -296,8 +297,13 @@ def describe(path: str, root: Any, seconds: float, layout: serving.RawLayout) ->
 def export_at_end(run_dir: str, enabled: bool = False, export_dir: str | None = None,
                   platforms: Sequence[str] = DEFAULT_PLATFORMS) -> str | None:  # fmt: skip
     """The end-of-training hook (``export_at_end.enabled = True``): exports the run's last checkpoint to
-    ``export_dir`` (default ``<run_dir>/export``) on process 0; returns the version directory or None."""
-    if not enabled or jax.process_index() != 0:
+    ``export_dir`` (default ``<run_dir>/export``); returns the version directory or None. Single-process runs
+    only: a multi-host run exports afterwards with the command."""
+    if not enabled:
+        return None
+    if jax.process_count() > 1:  # restoring on one host alone would wait on the others at orbax's barriers
+        logging.warning("export_at_end: skipped in a %d-process run; export with `ctr.export --run_dir=%s`",
+                        jax.process_count(), run_dir)  # fmt: skip
         return None
     return export(run_dir, export_dir or os.path.join(run_dir, "export"), None, platforms)
 
