@@ -11,6 +11,9 @@ restored state. The SavedModel's side runs in one child process that cannot impo
 - avazu / DLRM / hashed tables, row-sharded over all 8 devices while training;
 - criteo / DHEN / mixed (Unified Embedding + DHE per feature);
 - taobao / CETNet: an InterFormer tower (behaviour sequences) on Unified Embedding, a DHEN tower on DHE, fused.
+
+The first case exports through the command (``python -m ctr.export``), the second through the end-of-training
+hook (``export_at_end.enabled``), the others through :func:`ctr.export.export`.
 """
 import os
 import pickle
