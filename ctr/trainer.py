@@ -324,6 +324,9 @@ class _Run:
             results[split] = self.evaluator.evaluate(state, split)
         if self.writer:
             self.writer.finish(results, splits)
+        from ctr import export  # here: ctr.export imports this module
+
+        export.export_at_end(self.run_dir)  # a SavedModel of the last checkpoint when export_at_end.enabled
         return results
 
     def _record(self, examples_seen: int) -> dict:

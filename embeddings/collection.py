@@ -24,7 +24,7 @@ are summed and applied in float32).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
 import numpy as np
@@ -49,6 +49,8 @@ class Part(Protocol):
     lookups: tuple[Lookup, ...]
 
     def host_ids(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def host_ids_tf(self, batch: Mapping[str, Any], index_tables: Mapping[str, Any]) -> dict[str, Any]: ...
 
     def encode(self, ids: Mapping[str, jax.Array]) -> dict[str, jax.Array]: ...
 
@@ -175,6 +177,15 @@ class EmbeddingCollection:
     def host_ids(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Every lookup's device input (see module docstring, step 1)."""
         return {key: value for part in self.parts for key, value in part.host_ids(batch).items()}
+
+    def host_ids_tf(self, batch: Mapping[str, Any], index_tables: Mapping[str, Any]) -> dict[str, Any]:
+        """TensorFlow twin of :meth:`host_ids` (serving); ``index_tables``: see :meth:`index_tables_tf`."""
+        return {key: value for part in self.parts for key, value in part.host_ids_tf(batch, index_tables).items()}
+
+    def index_tables_tf(self, make_table: Callable[[np.ndarray], Any]) -> dict[str, Any]:
+        """Lookup key -> ``make_table(vocabulary)`` (e.g. :func:`ctr.data.vocab.index_table_tf`) for every lookup
+        that indexes a vocabulary (build once: the SavedModel tracks them)."""
+        return {lk.key: make_table(lk.vocabulary) for lk in self.lookups if lk.vocabulary is not None}
 
     # -- device side ---------------------------------------------------------------------------------------------
     def init(self, rng: jax.Array) -> Tables:

@@ -182,6 +182,11 @@ class DHEPart:
         """``uint32 [..., 2]`` fingerprint words per input (see :func:`embeddings.hashing.words_np`)."""
         return {source: hashing.words_np(batch[source]) for spec in self.specs for source in spec.inputs}
 
+    def host_ids_tf(self, batch: Mapping, index_tables: Mapping) -> dict:
+        """TensorFlow twin of :meth:`host_ids` (no vocabulary tables: ``index_tables`` is unused)."""
+        del index_tables
+        return {source: hashing.words_tf(batch[source]) for spec in self.specs for source in spec.inputs}
+
     def encode(self, ids: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """The hash encodings ``[..., k]``: this family's "rows" (no parameters, outside autodiff)."""
         c = self.config

@@ -9,7 +9,7 @@ classic small-uniform embedding init: features start nearly orthogonal and small
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +71,20 @@ class Lookup:
             rows = hashing.bucket_np(fingerprints, self.salt, self.num_buckets)
         return (rows + self.offset).astype(np.int32)
 
+    def host_rows_tf(self, fingerprints: Any, index_table: Any = None) -> Any:
+        """TensorFlow twin of :meth:`host_rows` (the exported model's preprocessing): int32, same shape.
+
+        ``index_table``: ``vocab.index_table_tf(self.vocabulary)``, built once by the caller (a resource the
+        SavedModel tracks); required with a vocabulary.
+        """
+        import tensorflow as tf  # only the export path needs TF
+
+        if self.vocabulary is not None:
+            rows = vocab_lib.index_tf(self.vocabulary, fingerprints, index_table)
+        else:
+            rows = hashing.bucket_tf(fingerprints, self.salt, self.num_buckets)
+        return tf.cast(rows + self.offset, tf.int32)
+
 
 def align_rows(num_rows: int, alignment: int) -> int:
     """``num_rows`` rounded up to a multiple of ``alignment`` (so tables split evenly over any device count
@@ -97,6 +111,10 @@ class TablePart:
 
     def host_ids(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {lk.key: lk.host_rows(batch[lk.source]) for lk in self.lookups}
+
+    def host_ids_tf(self, batch: Mapping[str, Any], index_tables: Mapping[str, Any]) -> dict[str, Any]:
+        """TensorFlow twin of :meth:`host_ids`; ``index_tables``: lookup key -> its vocabulary's table."""
+        return {lk.key: lk.host_rows_tf(batch[lk.source], index_tables.get(lk.key)) for lk in self.lookups}
 
     def encode(self, ids: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         return {}  # rows come from the tables (the collection gathers them)

@@ -75,6 +75,12 @@ class TowerCollections:
     def host_ids(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._merge(c.host_ids(batch) for _, c in self.towers)
 
+    def host_ids_tf(self, batch: Mapping[str, Any], index_tables: Mapping[str, Any]) -> dict[str, Any]:
+        return self._merge(c.host_ids_tf(batch, t) for (_, c), t in zip(self.towers, self._split(index_tables)))
+
+    def index_tables_tf(self, make_table: Callable[[np.ndarray], Any]) -> dict[str, Any]:
+        return self._merge(c.index_tables_tf(make_table) for _, c in self.towers)
+
     def init(self, rng: jax.Array) -> dict[str, jax.Array]:
         keys = jax.random.split(rng, len(self.towers))
         return self._merge(c.init(k) for (_, c), k in zip(self.towers, keys))

@@ -50,13 +50,36 @@ def index(kept: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.where(kept[pos] == ids, pos, len(kept))
 
 
-def index_tf(kept: np.ndarray, ids: Any) -> Any:
-    """TensorFlow twin of :func:`index` (a static hash table from fingerprint to position), for serving."""
+def index_table_tf(kept: np.ndarray, path: str | None = None) -> Any:
+    """A TensorFlow static hash table from each kept fingerprint to its position, ``len(kept)`` for any other.
+
+    Build it once per vocabulary (an exported model tracks it as a resource). With ``path``, the fingerprints
+    are written there (one decimal per line) and the table reads that file, which a SavedModel keeps as an
+    asset; without, they are a constant of the graph (which caps a SavedModel at 2 GB of protobuf).
+    """
     tf = tf_import.tensorflow()  # only serving needs TF here
 
-    keys = tf.constant(kept, tf.int64)
-    positions = tf.range(len(kept), dtype=tf.int64)
-    table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, positions), len(kept))
+    kept = np.asarray(kept, np.int64)
+    default = len(kept)
+    if not len(kept):  # TF refuses an empty table: one key no fingerprint has (they are >= 0), at position 0
+        kept = np.array([-1], np.int64)
+    if path is None:
+        keys = tf.constant(kept, tf.int64)
+        positions = tf.range(len(kept), dtype=tf.int64)
+        return tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, positions), default)
+    np.savetxt(path, kept, fmt="%d")
+    initializer = tf.lookup.TextFileInitializer(
+        path, tf.int64, 0, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER, delimiter="\t"
+    )
+    return tf.lookup.StaticHashTable(initializer, default)
+
+
+def index_tf(kept: np.ndarray, ids: Any, table: Any = None) -> Any:
+    """TensorFlow twin of :func:`index`, through ``table`` (:func:`index_table_tf` of ``kept``; built here
+    when not given)."""
+    import tensorflow as tf
+
+    table = index_table_tf(kept) if table is None else table
     return table.lookup(tf.cast(ids, tf.int64))
 
 
@@ -128,13 +151,14 @@ class Vocabulary:
         pos = np.minimum(np.searchsorted(kept, ids), len(kept) - 1)
         return np.where(kept[pos] == ids, ids, self.oov_id(name))
 
-    def apply_tf(self, name: str, ids: Any) -> Any:
-        """TensorFlow twin of :meth:`apply` for the exported model (a static hash table per vocabulary)."""
+    def apply_tf(self, name: str, ids: Any, table: Any = None) -> Any:
+        """TensorFlow twin of :meth:`apply` for the exported model, through ``table``:
+        :func:`index_table_tf` of ``kept[name]`` (built here when not given)."""
         tf = tf_import.tensorflow()  # only serving needs TF here
 
-        kept = tf.constant(self.kept[name], tf.int64)
-        table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(kept, kept), self.oov_id(name))
-        return table.lookup(tf.cast(ids, tf.int64))
+        ids = tf.cast(ids, tf.int64)
+        kept = len(self.kept[name])
+        return tf.where(index_tf(self.kept[name], ids, table) < kept, ids, tf.constant(self.oov_id(name), tf.int64))
 
     def save(self, out_dir: str) -> None:
         os.makedirs(os.path.join(out_dir, _DIR), exist_ok=True)

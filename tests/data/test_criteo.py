@@ -87,6 +87,17 @@ def test_bucket_ids_match_the_serving_strings():
     assert strings[0, :6].numpy().tolist() == [b"-3", b"0", b"2", b"1", b"8", b"763"]
 
 
+def test_int_buckets_in_tensorflow_equal_numpy_at_every_bucket_boundary():
+    """``floor(ln(x)^2)`` in float64 on both sides: equal on a dense range and on both sides of every boundary."""
+    edges = np.exp(np.sqrt(np.arange(1, 1908, dtype=np.float64)))
+    near = np.floor(edges[edges < 9e18]).astype(np.int64)
+    ints = np.unique(np.concatenate([np.arange(-50, 100_000), near - 1, near, near + 1, [2**63 - 1]]))
+    ints = np.resize(ints, (-(-len(ints) // 13), 13))
+    present = np.ones_like(ints, bool)
+    strings = criteo.int_bucket_strings_tf(tf.constant(ints), tf.constant(present)).numpy()
+    np.testing.assert_array_equal(strings.astype(np.int64), criteo.int_bucket_values(ints))
+
+
 BAD = {
     "wrong_field_count": (LINES[0].rsplit("\t", 1)[0], r"field \*: expected 40 tab-separated fields, got 39"),
     "not_an_integer": (LINES[1].replace("0\t44", "0\t4x4", 1), r"field I3: not an integer b'4x4'"),

@@ -110,6 +110,20 @@ def test_vocabulary_index_in_tensorflow_equals_numpy():
     np.testing.assert_array_equal(vocab.index_tf(kept, ids).numpy(), vocab.index(kept, ids))
 
 
+def test_vocabulary_tables_from_files_and_oov_mapping_equal_numpy(tmp_path):
+    """The exported model's tables (read from asset files) and ``apply_tf`` (OOV mapping) against numpy."""
+    from ctr.data import vocab
+
+    rng = np.random.default_rng(1)
+    kept = np.unique(rng.integers(0, 2**63 - 1, 300, dtype=np.int64))
+    ids = np.concatenate([kept[::2], rng.integers(0, 2**63 - 1, 150, dtype=np.int64), [0]])
+    table = vocab.index_table_tf(kept, str(tmp_path / "kept.txt"))
+    np.testing.assert_array_equal(vocab.index_tf(kept, ids, table).numpy(), vocab.index(kept, ids))
+    v = vocab.Vocabulary(min_count=2, kept={"user": kept, "none": np.zeros(0, np.int64)})
+    np.testing.assert_array_equal(v.apply_tf("user", ids, table).numpy(), v.apply("user", ids))
+    np.testing.assert_array_equal(v.apply_tf("none", ids).numpy(), v.apply("none", ids))
+
+
 def test_per_feature_tables_shortcut():
     col = per_feature_tables(SCHEMA, dim=4, num_buckets=10)
     assert list(col.tables) == ["per_feature_d4"] and col.tables["per_feature_d4"].dim == 4
