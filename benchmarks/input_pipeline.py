@@ -170,7 +170,7 @@ def _object_store(dataset: str, local_dir: str) -> None:
     from ctr import paths
 
     with gcs_testlib.gcs_emulator("bench") as url:
-        os.environ.update(gcs_testlib.emulator_env(url))
+        gcs_testlib.use_in_this_process(gcs_testlib.emulator_env(url))
         remote = f"gs://bench/{dataset}"
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(local_dir) for f in fs) / 2**20
         start = time.time()

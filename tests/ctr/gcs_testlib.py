@@ -30,6 +30,18 @@ def emulator_env(url: str) -> dict[str, str]:
     }
 
 
+def use_in_this_process(env: dict[str, str]) -> None:
+    """Applies :func:`emulator_env` to this process. epath decides once per process whether ``gs://`` goes
+    through TensorFlow (``functools.cache``), so that decision is dropped too; a child process started with
+    ``env`` needs none of this."""
+    import os
+
+    from etils.epath import gpath
+
+    os.environ.update(env)
+    gpath._is_tf_installed.cache_clear()  # noqa: SLF001  (test set-up only)
+
+
 @contextlib.contextmanager
 def gcs_emulator(*buckets: str) -> Iterator[str]:
     """Starts the emulator with ``buckets`` created; yields its URL; stops it (and its data) at exit."""

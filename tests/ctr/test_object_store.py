@@ -22,13 +22,14 @@ def emulator():
     with gcs_testlib.gcs_emulator("bkt") as url:
         env = gcs_testlib.emulator_env(url)
         saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
+        gcs_testlib.use_in_this_process(env)
         yield env
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        gcs_testlib.use_in_this_process({})
 
 
 def test_paths_on_the_store(emulator, tmp_path):
