@@ -148,7 +148,7 @@ def restore(run_dir: str, step: int | None = None) -> Restored:
     tables, _ = collection.flush(state.tables, state.table_slots, sparse_optimizer, state.step)
     vocab = None
     data_dir = getattr(dataset, "data_dir", None)
-    if data_dir and os.path.isdir(os.path.join(data_dir, "vocab")):
+    if data_dir and paths.is_dir(paths.join(data_dir, "vocab")):
         vocab = vocab_lib.Vocabulary.load(data_dir)
     serving_collection = _xla_gather(collection)
     return Restored(
@@ -258,18 +258,32 @@ def export(run_dir: str, export_dir: str, step: int | None = None, platforms: Se
 
     start = time.time()
     restored = restore(run_dir, step) if restored is None else restored
-    path = os.path.join(export_dir, str(restored.step))
-    partial = f"{path}.partial{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(export_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory() as asset_dir:
+    path = paths.join(export_dir, str(restored.step))
+    remote = paths.is_remote(export_dir)
+    with tempfile.TemporaryDirectory() as work:
+        # Local: written beside the version directory, then renamed. An object store has no rename: the
+        # SavedModel is written locally and copied there, saved_model.pb last (what TF Serving looks for).
+        partial = os.path.join(work, "saved_model") if remote else f"{path}.partial{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        if not remote:
+            os.makedirs(export_dir, exist_ok=True)
+        asset_dir = os.path.join(work, "assets")
+        os.makedirs(asset_dir)
         root = build_module(restored, asset_dir, platforms)
         tf.saved_model.save(root, partial, signatures=signatures_of(root))
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(partial, path)
+        text = describe(partial, root, time.time() - start, serving.raw_layout(restored.schema)).replace(partial, path)
+        if remote:
+            pb = os.path.join(partial, "saved_model.pb")
+            held = os.path.join(work, "saved_model.pb")
+            os.replace(pb, held)
+            paths.copy_tree(partial, path)
+            paths.copy_file(held, paths.join(path, "saved_model.pb"))
+        else:
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.replace(partial, path)
     if verbose:
-        print(describe(path, root, time.time() - start, serving.raw_layout(restored.schema)), flush=True)
+        print(text, flush=True)
     return path
 
 
@@ -310,7 +324,7 @@ def export_at_end(run_dir: str, enabled: bool = False, export_dir: str | None = 
         logging.warning("export_at_end: skipped in a %d-process run; export with `ctr.export --run_dir=%s`",
                         jax.process_count(), run_dir)  # fmt: skip
         return None
-    return export(run_dir, export_dir or os.path.join(run_dir, "export"), None, platforms)
+    return export(run_dir, export_dir or paths.join(run_dir, "export"), None, platforms)
 
 
 def parse_run_config(run_dir: str, gin_params: Sequence[str] = ()) -> None:
@@ -324,11 +338,14 @@ def parse_run_config(run_dir: str, gin_params: Sequence[str] = ()) -> None:
 
     import ctr.registration  # noqa: F401  (every configurable the config may name)
 
-    path = os.path.join(run_dir, "config.gin")
-    if not os.path.isfile(path):
+    path = paths.join(run_dir, "config.gin")
+    if not paths.exists(path):
         raise errors.UserError(f"--run_dir={run_dir}: no config.gin (not a ctr run directory)")
     gin.clear_config()
-    config.parse([path], list(gin_params))
+    with tempfile.TemporaryDirectory() as local:  # gin reads local files; the run may be on gs://
+        copy = os.path.join(local, "config.gin")
+        paths.copy_file(path, copy)
+        config.parse([copy], list(gin_params))
 
 
 def main(argv: list[str]) -> int:

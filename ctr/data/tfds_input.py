@@ -133,7 +133,7 @@ class TfdsDataset:
         tf_import.tensorflow()  # TF without its CUDA-probe noise, before TFDS imports it
         import tensorflow_datasets as tfds
 
-        from ctr.data import tfds_builders
+        from ctr.data import tfds_builders, tfds_features
 
         allocator.keep_freed_memory()
         builder, meta = _open(name, data_dir, version)
@@ -143,7 +143,7 @@ class TfdsDataset:
         self.schema = prepared_lib.schema_from_json(meta["schema"])
         vocab = bool(meta.get("vocab"))
         stored = _describe(info.features)
-        declared = _describe(tfds_builders.features_for(self.schema, vocab))
+        declared = _describe(tfds_features.features_for(self.schema, vocab))
         if stored != declared:
             diff = sorted(
                 f"{k}: stored {stored.get(k, 'absent')}, expected {declared.get(k, 'absent')}"

@@ -46,7 +46,7 @@ ROWS = 1000
 TAOBAO_LEN = 10
 COMMON = ["train.num_steps = 8", "train.log_every = 4", 'train.final_eval_splits = ("test",)',
           "Checkpointer.every_steps = 0"]  # fmt: skip
-TINY_DHE = ["DHE.k = 32", "DHE.hidden = (16,)", "DHE.shared = True"]
+TINY_DHE = ["DeepHashEmbedding.k = 32", "DeepHashEmbedding.hidden = (16,)", "DeepHashEmbedding.shared = True"]
 
 CASES = {
     "criteo-dcnv2-vocab": dict(dataset="criteo", prepared=True, export="cli", bindings=[

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import ctr
+from ctr import export as export_lib
 from ctr import paths, prepare
 from ctr.data import splits, synthetic
 
@@ -84,3 +85,11 @@ def test_train_checkpoint_resume_and_results_on_gs(emulator, tmp_path):
     for name in ("config.gin", "operative_config.gin", "plots/eval.png", "checkpoints/40"):
         assert paths.exists(f"gs://bkt/run/{name}"), name
     assert any("tfevents" in os.fspath(p) for p in paths.resolve("gs://bkt/run/tensorboard").iterdir())
+
+    # The run exports from gs:// to gs:// (TF Serving's layout: <export_dir>/<step>/saved_model.pb + variables/).
+    export_lib.parse_run_config("gs://bkt/run")
+    written = export_lib.export("gs://bkt/run", "gs://bkt/export", verbose=False)
+    assert written == "gs://bkt/export/40"
+    assert paths.exists(f"{written}/saved_model.pb")
+    assert any("variables.index" in os.fspath(p) for p in paths.resolve(f"{written}/variables").iterdir())
+    assert os.listdir(cwd) == []
