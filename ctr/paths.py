@@ -56,24 +56,7 @@ def read_text(path: PathLike) -> str:
     return read_bytes(path).decode("utf-8")
 
 
-def _fsspec(path: PathLike):
-    """(fsspec file system, path in it) when epath reaches ``path`` through fsspec, else None.
-
-    Whole-object reads and writes then go through the file system's ``cat_file``/``pipe_file``/``put_file``:
-    gcsfs's file objects (what ``epath.Path.open`` returns) stop answering after a few dozen opens against the
-    GCS emulator the tests use; the whole-object calls do not. (TensorFlow's backend, what a TPU VM uses by
-    default, is not affected and keeps epath's own path.)
-    """
-    if not is_remote(path) or resolve(path)._backend is not epath.backend.fsspec_backend:  # noqa: SLF001
-        return None
-    import fsspec
-
-    return fsspec.core.url_to_fs(os.fspath(path))
-
-
 def read_bytes(path: PathLike) -> bytes:
-    if (fs := _fsspec(path)) is not None:
-        return fs[0].cat_file(fs[1])
     return resolve(path).read_bytes()
 
 
@@ -81,9 +64,6 @@ def write_text(path: PathLike, text: str) -> None:
     """Writes a whole file. Local: through ``<path>.partial`` and a rename, so a reader never sees half a file;
     an object store replaces an object in one request, which is already all or nothing."""
     target = resolve(path)
-    if (fs := _fsspec(path)) is not None:
-        fs[0].pipe_file(fs[1], text.encode("utf-8"))
-        return
     if is_remote(path):
         target.write_text(text, encoding="utf-8")
         return
@@ -93,15 +73,9 @@ def write_text(path: PathLike, text: str) -> None:
 
 
 def copy_file(src: PathLike, dst: PathLike) -> None:
-    """Copies one file (any store to any store), streamed. Not ``epath.Path.copy``, which opens gcsfs file
-    objects (see :func:`_fsspec`)."""
-    if not is_remote(src) and (fs := _fsspec(dst)) is not None:
-        fs[0].put_file(os.fspath(resolve(src)), fs[1])
-    elif not is_remote(dst) and (fs := _fsspec(src)) is not None:
-        fs[0].get_file(fs[1], os.fspath(resolve(dst)))
-    else:
-        with resolve(src).open("rb") as reader, resolve(dst).open("wb") as writer:
-            shutil.copyfileobj(reader, writer, 16 << 20)
+    """Copies one file (any store to any store), streamed in 16 MiB pieces."""
+    with resolve(src).open("rb") as reader, resolve(dst).open("wb") as writer:
+        shutil.copyfileobj(reader, writer, 16 << 20)
 
 
 def copy_tree(src: PathLike, dst: PathLike) -> list[str]:

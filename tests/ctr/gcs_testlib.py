@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
+import threading
 import urllib.request
 from typing import Iterator
 
@@ -34,8 +37,6 @@ def use_in_this_process(env: dict[str, str]) -> None:
     """Applies :func:`emulator_env` to this process. epath decides once per process whether ``gs://`` goes
     through TensorFlow (``functools.cache``), so that decision is dropped too; a child process started with
     ``env`` needs none of this."""
-    import os
-
     from etils.epath import gpath
 
     os.environ.update(env)
@@ -47,6 +48,10 @@ def gcs_emulator(*buckets: str) -> Iterator[str]:
     """Starts the emulator with ``buckets`` created; yields its URL; stops it (and its data) at exit."""
     server = FakeGCSServer(host="127.0.0.1")
     server.start()
+    # The wrapper pipes the server's stderr and never reads it: once ~64 KB of request logs fill the pipe, the
+    # server blocks and every request hangs. Drain it.
+    threading.Thread(target=shutil.copyfileobj, args=(server._process.stderr, open(os.devnull, "wb")),  # noqa: SLF001
+                     daemon=True, name="gcs-emulator-log").start()
     try:
         for bucket in buckets:
             request = urllib.request.Request(
