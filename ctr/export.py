@@ -45,6 +45,7 @@ from ctr import train_state as train_state_lib
 from ctr import models as model_zoo
 from ctr import serving
 from ctr.data import schema as schema_lib
+from ctr.data import dataset as dataset_lib
 from ctr.data import vocab as vocab_lib
 from embeddings import table_placement
 
@@ -124,7 +125,7 @@ def restore(run_dir: str, step: int | None = None) -> Restored:
         module = train_state_lib.CTRModule(collection=collection, network=network)
         tx = optimizers.dense_optimizer()
         sparse_optimizer = _train_argument("sparse_optimizer")
-        probe = next(dataset.eval_batches("train", 1))[0]
+        probe = next(dataset.eval_batches(dataset_lib.probe_split(dataset), 1))[0]
         probe_ids = collection.host_ids(probe)
         probe_dev = train_state_lib.device_batch(schema, probe)
 

@@ -18,6 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from ctr import mesh as mesh_lib
+from ctr.data import dataset as dataset_lib
 from ctr.data import schema as schema_lib
 from ctr.data.dataset import Dataset
 from embeddings.collection import Embeddings
@@ -80,10 +81,10 @@ def build(
 ) -> tuple[TrainState, Shardings]:
     """The initial state, sharded, and the shardings of the state and of a step's inputs.
 
-    Parameters are initialised on a probe batch of the train split (one row per batch shard): shapes only
-    depend on the schema, so its content does not matter.
+    Parameters are initialised on a probe batch (one row per batch shard, from
+    :func:`~ctr.data.dataset.probe_split`): shapes only depend on the schema, so its content does not matter.
     """
-    probe = next(dataset.eval_batches("train", mesh_lib.batch_shards(mesh, rules)))[0]
+    probe = next(dataset.eval_batches(dataset_lib.probe_split(dataset), mesh_lib.batch_shards(mesh, rules)))[0]
     probe_ids = collection.host_ids(probe)
     probe_dev = device_batch(dataset.schema, probe)
 

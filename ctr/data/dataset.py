@@ -258,3 +258,10 @@ def check_resume_host_count(step: int, steps_per_epoch: int, saved: int | None, 
             f"the checkpoint at step {step} was written by {saved} hosts, this job has {current}, and with "
             f"prepared.host_shards=True the data order depends on the host count: resume on {saved} hosts, or "
             f"from a checkpoint at an epoch boundary (a multiple of {steps_per_epoch} steps)")
+
+
+def probe_split(dataset: Dataset) -> str:
+    """The split to take shape probes from (state initialisation, export): an evaluation split when one has
+    rows, since every host reads those anyway, so a host that reads only its own train shards
+    (``prepared.host_shards``) opens no other host's."""
+    return next((name for name in (VALID, TEST) if dataset.num_rows(name)), TRAIN)
