@@ -60,18 +60,6 @@ def read_bytes(path: PathLike) -> bytes:
     return resolve(path).read_bytes()
 
 
-def write_text(path: PathLike, text: str) -> None:
-    """Writes a whole file. Local: through ``<path>.partial`` and a rename, so a reader never sees half a file;
-    an object store replaces an object in one request, which is already all or nothing."""
-    target = resolve(path)
-    if is_remote(path):
-        target.write_text(text, encoding="utf-8")
-        return
-    partial = target.parent / (target.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, target)
-
-
 def copy_file(src: PathLike, dst: PathLike) -> None:
     """Copies one file (any store to any store), streamed in 16 MiB pieces."""
     with resolve(src).open("rb") as reader, resolve(dst).open("wb") as writer:

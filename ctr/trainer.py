@@ -25,7 +25,7 @@ import gin
 import jax
 import optax
 
-from ctr import checkpointing, config_checks, errors, faults, optimizers, paths, preemption, mesh as mesh_lib
+from ctr import checkpointing, config_checks, faults, optimizers, paths, preemption, mesh as mesh_lib
 from ctr import models as model_zoo
 from ctr.data import dataset as dataset_lib
 from ctr.data import schema as schema_lib
@@ -205,11 +205,8 @@ def _restore(ckpt: checkpointing.Checkpointer, state: TrainState, run_dir: str, 
         return state, record
     restored_step, state, record = restored
     if dataset.host_shards:
-        try:
-            dataset_lib.check_resume_host_count(restored_step, dataset.steps_per_epoch(batch_size, jax.process_count()),
-                                                record.get("process_count"), jax.process_count())  # fmt: skip
-        except ValueError as e:
-            raise errors.ConfigError(str(e)) from None
+        dataset_lib.check_resume_host_count(restored_step, dataset.steps_per_epoch(batch_size, jax.process_count()),
+                                            record.get("process_count"), jax.process_count())  # fmt: skip
     logging.info("resumed from %s at step %d", ckpt, restored_step)
     if lead:
         print(f"Resuming from the checkpoint at step {restored_step} in {run_dir}", flush=True)

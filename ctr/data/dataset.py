@@ -15,6 +15,7 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
+from ctr import errors
 from ctr.data import schema as schema_lib
 from ctr.data.splits import TEST, TRAIN, VALID
 
@@ -188,12 +189,12 @@ def assign_shards(shard_rows: list[int], process_count: int) -> list[list[int]]:
     row counts differ by at most one shard's rows. A pure function of the shard sizes and the host count.
 
     Raises:
-      ValueError: fewer shards than hosts (some host would own nothing).
+      errors.ConfigError: fewer shards than hosts (some host would own nothing).
     """
     if len(shard_rows) < process_count:
-        raise ValueError(f"{len(shard_rows)} train shards cannot be spread over {process_count} hosts: prepare the "
-                         "data again with more shards (a smaller --shard_mib), or read the whole split "
-                         "on every host (prepared.host_shards=False)")
+        raise errors.ConfigError(f"{len(shard_rows)} train shards cannot be spread over {process_count} hosts: "
+                                 "prepare the data again with more shards (a smaller --shard_mib), or read the "
+                                 "whole split on every host (prepared.host_shards=False)")
     owned: list[list[int]] = [[] for _ in range(process_count)]
     totals = [0] * process_count
     for k in sorted(range(len(shard_rows)), key=lambda k: (-shard_rows[k], k)):
@@ -209,8 +210,8 @@ def host_steps_per_epoch(host_rows: list[int], global_batch: int) -> int:
     local = global_batch // len(host_rows)
     steps = min(n // local for n in host_rows)
     if steps < 1:
-        raise ValueError(f"a host owns only {min(host_rows)} train rows, fewer than its {local} rows of a global "
-                         f"batch of {global_batch}")
+        raise errors.ConfigError(f"a host owns only {min(host_rows)} train rows, fewer than its {local} rows of a "
+                                 f"global batch of {global_batch}")
     return steps
 
 
@@ -251,10 +252,10 @@ def check_resume_host_count(step: int, steps_per_epoch: int, saved: int | None, 
     mid-epoch, the new hosts' shards would repeat some of the epoch's examples and skip others.
 
     Raises:
-      ValueError: mid-epoch, on a host count other than the one that wrote the checkpoint.
+      errors.ConfigError: mid-epoch, on a host count other than the one that wrote the checkpoint.
     """
     if saved is not None and saved != current and step % steps_per_epoch:
-        raise ValueError(
+        raise errors.ConfigError(
             f"the checkpoint at step {step} was written by {saved} hosts, this job has {current}, and with "
             f"prepared.host_shards=True the data order depends on the host count: resume on {saved} hosts, or "
             f"from a checkpoint at an epoch boundary (a multiple of {steps_per_epoch} steps)")

@@ -35,7 +35,7 @@ def emulator():
 
 def test_paths_on_the_store(emulator, tmp_path):
     base = "gs://bkt/paths"
-    paths.write_text(f"{base}/a/x.txt", "one")
+    paths.resolve(f"{base}/a/x.txt").write_text("one")
     assert paths.read_text(f"{base}/a/x.txt") == "one" and paths.exists(f"{base}/a/x.txt")
     assert os.fspath(paths.resolve(base)) == base  # a URI is never made a local absolute path
     (tmp_path / "d" / "e").mkdir(parents=True)
