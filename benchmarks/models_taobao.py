@@ -12,8 +12,8 @@ configs' embeddings, with per-feature tables of ``--table_rows`` hashed rows ins
 vocabulary's, which synthetic data has not got; ``--embeddings=hashed16`` is the earlier protocol: hashed
 16-wide tables of 20,000 rows, each CETNet tower its own). ``--steps=0`` is one pass over the training split.
 Reported per mechanism: test AUC, gAUC (per-user AUC weighted by clicks) and logloss per model as mean ± std
-over the seeds, beside the logloss of the training click rate (the base rate). (CETNet's fusion weights are not
-in the trainer's results, so they are not reported here.)
+over the seeds, beside the logloss of the training click rate (the base rate); for CETNet also each tower's own
+metrics and its mean fusion weight on the test split.
 
     PYTHONPATH=. python benchmarks/models_taobao.py --mechanisms=cate_share,brand_recency --seeds=0,1,2
 """
@@ -103,6 +103,7 @@ def main(argv: list[str]) -> None:
                 result = train_one(model, data, steps, seed, run_dir)
                 row = dict(model=model, mechanism=mechanism, seed=seed, steps=steps, base_logloss=base_logloss,
                            **{k: result["test"][k] for k in ("auc", "gauc", "logloss")},
+                           **{k: v for k, v in result["test"].items() if k.startswith("tower/")},
                            train_wall_s=result["train_wall_s"])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -119,6 +120,10 @@ def main(argv: list[str]) -> None:
 
             print(f"{mechanism:<14} {model:<12} {ms('auc'):>15} {ms('gauc'):>15} {ms('logloss'):>15} "
                   f"{np.mean([r['base_logloss'] for r in rs]):>7.4f} {np.mean([r['train_wall_s'] for r in rs]):>8.1f}")
+            for tower in sorted({k.split("/")[1] for r in rs for k in r if k.startswith("tower/")}):
+                t = f"tower/{tower}/"  # an ensemble's member: its own metrics and mean fusion weight
+                print(f"{'':<14} {'  ' + tower:<12} {ms(t + 'auc'):>15} {ms(t + 'gauc'):>15} {ms(t + 'logloss'):>15} "
+                      f"  weight {ms(t + 'weight')}")
     with open(os.path.join(root, "results.json"), "w") as f:
         json.dump(rows, f, indent=2)
     print(f"results: {os.path.join(root, 'results.json')}")

@@ -38,10 +38,12 @@ class Evaluator:
         self._dataset, self._collection, self._mesh, self._rules = dataset, collection, mesh, rules
         self._batch_size = batch_size
         network = module.network
+        parts = getattr(network, "parts", None)  # an ensemble's members (see ctr.model_io.Network)
 
-        def eval_step(state: TrainState, batch: Batch, ids: Batch) -> jax.Array:
+        def eval_step(state: TrainState, batch: Batch, ids: Batch) -> Any:
             rows = collection.read_rows(state.tables, ids)
-            return network.logits(module.apply({"params": state.params}, rows, batch, train=False))
+            outputs = module.apply({"params": state.params}, rows, batch, train=False)
+            return (network.logits(outputs), parts(outputs) if parts else {})
 
         self._eval_step = jax.jit(
             eval_step,
@@ -66,27 +68,40 @@ class Evaluator:
         return self._flush_step(state)
 
     def evaluate(self, state: TrainState, split: str) -> dict[str, float]:
-        """Exact metrics of ``state`` on the whole ``split`` (:func:`ctr.metrics.evaluate`)."""
+        """Exact metrics of ``state`` on the whole ``split`` (:func:`ctr.metrics.evaluate`).
+
+        For an ensemble (a network with ``parts``) also each member's ``tower/<name>/auc``, ``.../logloss``,
+        ``.../gauc`` and ``.../weight`` (its mean weight in the fused prediction).
+        """
         schema = self._dataset.schema
-        labels, logits, groups = [], [], []
+        labels, logits, groups, members = [], [], [], {}
         for host_batch, real in self._dataset.eval_batches(
             split, self._batch_size, jax.process_index(), jax.process_count()
         ):
             dev = mesh_lib.to_global(self._mesh, self._rules, device_batch(schema, host_batch))
             ids = mesh_lib.to_global(self._mesh, self._rules, self._collection.host_ids(host_batch))
-            out = self._eval_step(state, dev, ids)
+            out, out_parts = self._eval_step(state, dev, ids)
             valid = np.arange(len(host_batch[schema_lib.LABEL])) < real
             local: dict[str, Any] = {"label": host_batch[schema_lib.LABEL], "valid": valid}
             if schema.group_key is not None:
                 local["group"] = host_batch[schema_lib.GROUP]
             if jax.process_count() > 1:
                 local = multihost_utils.process_allgather(local, tiled=True)
-                out = multihost_utils.process_allgather(out, tiled=True)
+                out, out_parts = multihost_utils.process_allgather((out, out_parts), tiled=True)
             keep = np.asarray(local["valid"])
             labels.append(np.asarray(local["label"])[keep])
             logits.append(np.asarray(out)[keep])
+            for name, (part_logits, weight) in out_parts.items():
+                members.setdefault(name, ([], []))
+                members[name][0].append(np.asarray(part_logits)[keep])
+                members[name][1].append(np.asarray(weight)[keep])
             if "group" in local:
                 groups.append(np.asarray(local["group"])[keep])
-        return metrics.evaluate(
-            np.concatenate(labels), np.concatenate(logits), np.concatenate(groups) if groups else None
-        )
+        labels = np.concatenate(labels)
+        groups = np.concatenate(groups) if groups else None
+        result = metrics.evaluate(labels, np.concatenate(logits), groups)
+        for name, (part_logits, weights) in members.items():
+            part = metrics.evaluate(labels, np.concatenate(part_logits), groups)
+            result.update({f"tower/{name}/{k}": part[k] for k in ("auc", "logloss", "gauc") if k in part})
+            result[f"tower/{name}/weight"] = float(np.concatenate(weights).mean())
+        return result

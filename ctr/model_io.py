@@ -64,6 +64,10 @@ class Network(Protocol):
     def logits(self, outputs: Any) -> jax.Array:
         """The ``[B]`` predicted logits (log-odds of a click) in ``outputs``: what evaluation scores."""
 
+    # Optional, for an ensemble: ``parts(outputs) -> {name: (logits [B], weight [B])}``, each member's own
+    # prediction and its weight in the fused one. Evaluation then also reports each member's metrics and mean
+    # weight (``ctr.evaluator``).
+
 
 class BinaryLogits:
     """The :class:`Network` contract of a model whose output is its ``[B]`` logits: mean binary cross-entropy."""

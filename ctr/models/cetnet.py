@@ -113,6 +113,11 @@ class CETNet(nn.Module):
         """The fused ``[B]`` logits (what evaluation scores)."""
         return outputs["logits"]
 
+    def parts(self, outputs: dict[str, Any]) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """Each tower's ``[B]`` logits and ``[B]`` fusion weight (reported by evaluation per tower)."""
+        return {name: (outputs["tower_logits"][name], outputs["weights"][:, i])
+                for i, (name, _) in enumerate(self.towers)}  # fmt: skip
+
     def loss(self, outputs: dict[str, Any], labels: jax.Array) -> jax.Array:
         """Mean over the batch of ``BCE(fused) + sum_i BCE(tower_i) + lambda * sum_i BCE(tower_i, sg(fused))``.
 

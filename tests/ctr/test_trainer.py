@@ -78,6 +78,10 @@ def test_cetnet_towers_train_with_their_own_tables(tiny, tmp_path):
     assert results["steps"] == 2 and np.isfinite(results["test"]["logloss"])
     rows = -(-26 * 500 // 256) * 256
     assert results["num_params"]["embedding"] == rows * 4 + rows * 8  # each tower its own tables
+    # Each tower's own metrics and mean fusion weight (the weights of an example sum to one).
+    test = json.load(open(os.path.join(run_dir, "results.json")))["test"]
+    assert test["tower/interformer/weight"] + test["tower/dhen/weight"] == pytest.approx(1.0, abs=1e-6)
+    assert all(0.0 < test[f"tower/{t}/auc"] < 1.0 and test[f"tower/{t}/logloss"] > 0 for t in ("interformer", "dhen"))
 
 
 class _PoisonedDataset(dataset_lib.InMemoryDataset):
