@@ -13,7 +13,8 @@ vocabulary's, which synthetic data has not got; ``--embeddings=hashed16`` is the
 16-wide tables of 20,000 rows, each CETNet tower its own). ``--steps=0`` is one pass over the training split.
 Reported per mechanism: test AUC, gAUC (per-user AUC weighted by clicks) and logloss per model as mean ± std
 over the seeds, beside the logloss of the training click rate (the base rate); for CETNet also each tower's own
-metrics and its mean fusion weight on the test split.
+metrics and its mean fusion weight on the test split; and the test AUC of the generator's true click logits, the
+ceiling of any model.
 
     PYTHONPATH=. python benchmarks/models_taobao.py --mechanisms=cate_share,brand_recency --seeds=0,1,2
 """
@@ -83,6 +84,7 @@ def main(argv: list[str]) -> None:
     del argv
     import numpy as np
 
+    from ctr import metrics
     from ctr.data.synthetic import datasets as synthetic_datasets
 
     root = OUT.value or tempfile.mkdtemp(prefix="models_taobao_")
@@ -92,6 +94,10 @@ def main(argv: list[str]) -> None:
         for seed in map(int, SEEDS.value):
             gen = dict(num_users=USERS.value, seed=seed, mechanism=mechanism, ad_prior=AD_PRIOR.value)
             labels = synthetic_datasets.synthetic_taobao(data_dir=data_dir, **gen).splits["train"]["label"]
+            oracle_path = os.path.join(synthetic_datasets.synthetic_taobao_raw_dir(
+                data_dir, USERS.value, seed, mechanism, AD_PRIOR.value), "oracle.npz")  # fmt: skip
+            oracle = dict(np.load(oracle_path)) if os.path.exists(oracle_path) else None  # older data: none
+            oracle_auc = metrics.auc(oracle["label"], oracle["logit"]) if oracle else float("nan")
             rate = float(np.mean(labels))
             base_logloss = -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))
             steps = STEPS.value or -(-len(labels) // BATCH.value)
@@ -102,6 +108,7 @@ def main(argv: list[str]) -> None:
                 shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: the trainer would resume
                 result = train_one(model, data, steps, seed, run_dir)
                 row = dict(model=model, mechanism=mechanism, seed=seed, steps=steps, base_logloss=base_logloss,
+                           oracle_auc=oracle_auc,
                            **{k: result["test"][k] for k in ("auc", "gauc", "logloss")},
                            **{k: v for k, v in result["test"].items() if k.startswith("tower/")},
                            train_wall_s=result["train_wall_s"])
@@ -111,6 +118,8 @@ def main(argv: list[str]) -> None:
           f"embeddings {EMBEDDINGS.value}, seeds {','.join(SEEDS.value)} (mean ± std over seeds)")
     print(f"{'mechanism':<14} {'model':<12} {'test AUC':>15} {'gAUC':>15} {'logloss':>15} {'base':>7} {'train s':>8}")
     for mechanism in MECHANISMS.value:
+        oracle = np.array([r["oracle_auc"] for r in rows if r["mechanism"] == mechanism])
+        print(f"{mechanism:<14} {'(true logit)':<12} {oracle.mean():.4f} ± {oracle.std():.4f}")
         for model in MODELS.value:
             rs = [r for r in rows if r["mechanism"] == mechanism and r["model"] == model]
 

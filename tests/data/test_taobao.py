@@ -183,6 +183,13 @@ def test_synthetic_clicks_follow_the_history(tmp_path):
     cate_seen = ((rows.seq[:, 0] == rows.ids[:, 3][:, None]) & real).any(axis=1)
     assert rows.label[cate_seen].mean() > 2 * rows.label[~cate_seen].mean()
     assert sorted(set(rows.day.tolist())) == list(range(20170506, 20170514))
+    # The generator's true logits (the benchmarks' ceiling) cover exactly the test day's impressions the reader
+    # produced, and clicks have the higher ones.
+    oracle = np.load(tmp_path / "oracle.npz")
+    test = rows.day == 20170513
+    assert (len(oracle["label"]), oracle["label"].sum()) == (test.sum(), rows.label[test].sum())
+    clicked = oracle["label"] == 1
+    assert oracle["logit"][clicked].mean() > oracle["logit"][~clicked].mean() + 0.5
 
 
 def test_synthetic_click_mechanisms_follow_their_rules(tmp_path):

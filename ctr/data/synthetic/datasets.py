@@ -87,10 +87,8 @@ def synthetic_taobao(
     on the behaviour sequences through ``mechanism``, plus user effects and per-ad effects of std ``ad_prior``),
     generated once into ``data_dir``, joined by the real reader and split by day as TaobaoAds is: 2017-05-13 is
     test, and valid is the test day (the BARS protocol)."""
-    # The default mechanism keeps the directory name of the data generated before mechanisms existed.
-    variant = "" if (mechanism, ad_prior) == ("presence", 0.3) else f"_{mechanism}_prior{ad_prior:g}"
     raw_dir = _generated(
-        data_dir, f"taobao_synthetic_{num_users}_{seed}{variant}",
+        data_dir, os.path.basename(synthetic_taobao_raw_dir(data_dir, num_users, seed, mechanism, ad_prior)),
         lambda p: synthetic_taobao_lib.write_synthetic(
             p, num_users, impressions_per_user, seed, mechanism=mechanism, ad_prior=ad_prior
         ),
@@ -109,6 +107,13 @@ def synthetic_taobao(
     }
     parts[VALID] = parts[TEST]
     return InMemoryDataset(schema=source.schema, splits=parts)
+
+
+def synthetic_taobao_raw_dir(data_dir: str, num_users: int, seed: int, mechanism: str, ad_prior: float) -> str:
+    """Where :func:`synthetic_taobao` writes its raw files (and the generator's ``oracle.npz``)."""
+    # The default mechanism keeps the directory name of the data generated before mechanisms existed.
+    variant = "" if (mechanism, ad_prior) == ("presence", 0.3) else f"_{mechanism}_prior{ad_prior:g}"
+    return os.path.join(data_dir, f"taobao_synthetic_{num_users}_{seed}{variant}")
 
 
 def _generated(data_dir: str, name: str, write) -> str:

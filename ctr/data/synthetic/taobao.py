@@ -100,6 +100,7 @@ def write_synthetic(
         signal = -2.7 + 2.2 * brand_match[:, -5:].any(axis=1) + 0.5 * cate_match.any(axis=1)
     logit = signal + user_effect[i_user] + ad_effect[i_ad]
     clk = (rng.random(n_i) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+    _write_oracle(raw_dir, logit, clk, i_ts >= _unix(_FIRST_SAMPLE_DAY + 7))
 
     def brand_text(brand: np.ndarray, null: np.ndarray) -> list[str]:
         return ["NULL" if n else str(b) for b, n in zip(brand.tolist(), null.tolist())]
@@ -122,6 +123,12 @@ def write_synthetic(
                     [BTAGS[t] for t in b_btag[shuffled].tolist()], b_cate[shuffled].tolist(),
                     brand_text(b_brand[shuffled], b_brand_null[shuffled]))  # fmt: skip
     _write_csv(raw_dir, "behavior_log", BEHAVIOR_COLUMNS, behaviors, gzip_files)
+
+
+def _write_oracle(raw_dir: str, logit: np.ndarray, clk: np.ndarray, test: np.ndarray) -> None:
+    """``oracle.npz``: the test day's labels and true click logits (their AUC is the ceiling of any model; not a
+    TaobaoAds file, the reader ignores it)."""
+    np.savez(os.path.join(raw_dir, "oracle.npz"), label=clk[test], logit=logit[test])
 
 
 def _unix(day: np.datetime64) -> int:
