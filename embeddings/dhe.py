@@ -24,10 +24,21 @@ Embedding).
 Cost: the encoding is ``[..., k]`` per id (``k = 1024``, batch 4096, 26 features: 436 MB float32), produced by
 one fused elementwise op and consumed by the first matmul; ``dtype="bfloat16"`` halves it. Its compute,
 ``~2 x network parameters`` FLOPs per id, is what DHE trades for table memory.
+
+Deduplication (``max_distinct``): an id's embedding depends on the id alone, so a feature read many times per
+batch (a behaviour sequence: 50 events per example, few distinct categories) needs the network once per
+*distinct* id. With ``max_distinct`` set, every feature whose batch holds more ids than that (over all its
+inputs) encodes and runs the network on at most ``max_distinct`` distinct ids (found on the device by one sort,
+:func:`kernels.dedupe.unique_words`) and gathers the outputs back: the same values (the network is row-wise),
+the FLOPs of the distinct ids. The shapes are static, so ``max_distinct`` bounds every batch: ``host_ids``
+raises when a batch has more (each host checks ``distinct x processes <= max_distinct``, which suffices), and
+should a batch pass some other way the outputs are NaN, never silently wrong. Features with fewer ids per batch
+than ``max_distinct`` run per occurrence, as without it.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -39,6 +50,7 @@ import numpy as np
 from embeddings import hashing
 from embeddings.specs import FeatureSpec
 from embeddings.tables import Lookup, TableConfig
+from kernels import dedupe
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "mish": jax.nn.mish,
@@ -50,6 +62,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 NORMALIZATIONS = ("layer", "none")
 TRANSFORMS = ("uniform", "gaussian")
 _HASH_LEVELS = 2.0**16
+_EXACT_FLOAT_INT = 2**24  # the inverse indices travel as float32 "rows" (autodiff needs float): exact below this
 
 
 def encode(words: jax.Array, salt: int, k: int, transform: str, dtype: str = "float32") -> jax.Array:
@@ -107,6 +120,8 @@ class DeepHashEmbedding:
       budget_bytes: if set, all hidden layers get one common width, the largest whose float32 network
         parameters (all networks) fit this budget.
       dtype: dtype of the encoding and the network's computation (parameters stay float32).
+      max_distinct: run each feature's network once per distinct id of the batch, for at most this many
+        distinct ids per feature and global batch (see the module docstring); None: once per occurrence.
     """
 
     k: int = 1024
@@ -117,6 +132,7 @@ class DeepHashEmbedding:
     shared: bool = False
     budget_bytes: int | None = None
     dtype: str = "float32"
+    max_distinct: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(self.hidden))  # gin may give a list; keep the config hashable
@@ -130,6 +146,9 @@ class DeepHashEmbedding:
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"DeepHashEmbedding.normalization must be one of {NORMALIZATIONS}, "
                              f"got {self.normalization!r}")
+        if self.max_distinct is not None and not 0 < self.max_distinct <= _EXACT_FLOAT_INT:
+            raise ValueError(f"DeepHashEmbedding.max_distinct must be in [1, {_EXACT_FLOAT_INT}], "
+                             f"got {self.max_distinct}")
 
     def build(self, key: str, specs: Sequence[FeatureSpec], row_alignment: int) -> DHEPart:
         del row_alignment  # no tables
@@ -160,6 +179,11 @@ def _network_name(family: str, spec: FeatureSpec, shared: bool) -> str:
     return f"{family}_d{spec.dim}" if shared else f"{family}_{spec.name}"
 
 
+def _distinct_key(spec: FeatureSpec) -> str:
+    """The rows key of a deduplicated feature's distinct encodings (no batch key has a ``#``)."""
+    return f"{spec.name}#distinct"
+
+
 @dataclasses.dataclass(frozen=True)
 class DHEPart:
     """The features one DHE family serves.
@@ -179,22 +203,58 @@ class DHEPart:
     lookups: tuple[Lookup, ...] = ()
 
     def host_ids(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``uint32 [..., 2]`` fingerprint words per input (see :func:`embeddings.hashing.words_np`)."""
+        """``uint32 [..., 2]`` fingerprint words per input (see :func:`embeddings.hashing.words_np`).
+
+        Raises:
+          ValueError: a deduplicated feature has more distinct ids in ``batch`` than ``max_distinct`` allows.
+        """
+        for spec in self.specs:
+            size = self._dedupe_size(sum(np.size(batch[source]) for source in spec.inputs))
+            if size is None:
+                continue
+            distinct = len(np.unique(np.concatenate([np.ravel(batch[source]) for source in spec.inputs])))
+            processes = jax.process_count()
+            if distinct * processes > size:
+                raise ValueError(
+                    f"DHE feature {spec.name}: {distinct:,} distinct ids in this host's batch (x {processes} "
+                    f"processes) exceed DeepHashEmbedding.max_distinct = {size:,}: raise it"
+                )
         return {source: hashing.words_np(batch[source]) for spec in self.specs for source in spec.inputs}
 
     def host_ids_tf(self, batch: Mapping, index_tables: Mapping) -> dict:
-        """TensorFlow twin of :meth:`host_ids` (no vocabulary tables: ``index_tables`` is unused)."""
+        """TensorFlow twin of :meth:`host_ids` (no vocabulary tables: ``index_tables`` is unused; no distinct-id
+        check: an over-full batch gives NaN outputs, see the module docstring)."""
         del index_tables
         return {source: hashing.words_tf(batch[source]) for spec in self.specs for source in spec.inputs}
 
+    def _dedupe_size(self, num_ids: int) -> int | None:
+        """How many distinct ids a feature with ``num_ids`` ids per batch is computed for; None: per occurrence
+        (also for a symbolic batch size, as in the batch-polymorphic serving export)."""
+        m = self.config.max_distinct
+        return m if m is not None and isinstance(num_ids, int) and num_ids > m else None
+
     def encode(self, ids: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        """The hash encodings ``[..., k]``: this family's "rows" (no parameters, outside autodiff)."""
+        """This family's "rows" (no parameters, outside autodiff): per input, the hash encodings ``[..., k]``;
+        for a deduplicated feature instead its distinct ids' encodings ``[max_distinct, k]`` (under
+        :func:`_distinct_key`) and per input the index of each id among them, as float32 ``[...]``."""
         c = self.config
-        return {
-            source: encode(ids[source], hashing.salt(spec.name), c.k, c.transform, c.dtype)
-            for spec in self.specs
-            for source in spec.inputs
-        }
+        out = {}
+        for spec in self.specs:
+            salt = hashing.salt(spec.name)
+            size = self._dedupe_size(sum(math.prod(ids[source].shape[:-1]) for source in spec.inputs))
+            if size is None:
+                out.update({source: encode(ids[source], salt, c.k, c.transform, c.dtype) for source in spec.inputs})
+                continue
+            words = jnp.concatenate([ids[source].reshape(-1, 2) for source in spec.inputs])
+            unique, inverse, count = dedupe.unique_words(words, size)
+            encoded = encode(unique, salt, c.k, c.transform, c.dtype)
+            out[_distinct_key(spec)] = jnp.where(count <= size, encoded, jnp.nan)  # over-full: NaN, not wrong
+            start = 0
+            for source in spec.inputs:
+                shape = ids[source].shape[:-1]
+                out[source] = inverse[start : start + math.prod(shape)].reshape(shape).astype(jnp.float32)
+                start += math.prod(shape)
+        return out
 
     def embed(self, rows: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """Runs the networks on the encodings (inside the caller's Flax ``@nn.compact`` scope)."""
@@ -205,6 +265,11 @@ class DHEPart:
             name = _network_name(self.family, spec, c.shared)
             if name not in networks:
                 networks[name] = DHENetwork(self.hidden, spec.dim, c.activation, c.normalization, c.dtype, name=name)
+            if _distinct_key(spec) in rows:
+                distinct = networks[name](rows[_distinct_key(spec)])  # [max_distinct, dim]
+                for source in spec.inputs:
+                    out[source] = jnp.take(distinct, jax.lax.stop_gradient(rows[source]).astype(jnp.int32), axis=0)
+                continue
             for source in spec.inputs:
                 out[source] = networks[name](rows[source])
         return out

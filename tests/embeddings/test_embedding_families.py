@@ -279,3 +279,58 @@ def test_mixed_families_in_one_collection():
         "user": (16, 4), "item": (16, 8), "cate": (16, 4), "site": (16, 4)}
     assert inputs.sequences["item_his"].shape == (16, 5, 8) and inputs.sequences["btag_his"].shape == (16, 5, 4)
     assert rows["user"].shape == (16, 16)  # DHE's "rows" are its encodings
+
+
+def test_unique_words_matches_numpy_unique():
+    from kernels import dedupe
+
+    fps = random_batch(64, seed=3, vocab=40)["item_his"].ravel()
+    words = hashing.words_np(fps)
+    unique, inverse, count = jax.jit(dedupe.unique_words, static_argnums=1)(jnp.asarray(words), 64)
+    expected, expected_inverse = np.unique(fps, return_inverse=True)  # fingerprints >= 0: (high, low) order
+    assert int(count) == len(expected) <= 40
+    np.testing.assert_array_equal(np.asarray(unique[: len(expected)]), hashing.words_np(expected))
+    np.testing.assert_array_equal(np.asarray(unique[len(expected) :]), 0)
+    np.testing.assert_array_equal(np.asarray(inverse), expected_inverse.ravel())
+
+
+def test_dhe_deduplicated_equals_per_occurrence():
+    """max_distinct runs the networks once per distinct id: same embeddings and parameter gradients as once per
+    occurrence (the old computation), for features, the shared item/sequence spec and the standalone sequence."""
+    batch = random_batch(64, seed=5, vocab=50)  # every spec has 64 or more ids per batch, at most 50 distinct
+    cols = {m: _dhe(shared=True, max_distinct=m) for m in (None, 60)}
+    deduped_rows = jax.jit(cols[60].read_rows)({}, cols[60].host_ids(batch))
+    assert {k for k in deduped_rows if k.endswith("#distinct")} == {f"{n}#distinct" for n in
+                                                                    ("user", "item", "cate", "site", "btag_his")}
+    assert deduped_rows["item#distinct"].shape == (60, 32)  # the network's input: 60 rows, not 64 + 64 x 5
+    variables, _, reference = _embed(cols[None], batch)
+    dev = device_batch(batch)
+    grads, outputs = {}, {}
+    for m, col in cols.items():
+        head = Head(col)
+        rows = jax.jit(col.read_rows)({}, col.host_ids(batch))
+
+        def loss(params, rows=rows, head=head):
+            logits, inputs = head.apply({"params": params}, rows, dev)
+            return jnp.mean(logits**2), inputs
+
+        (_, outputs[m]), grads[m] = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    for name in SCHEMA.categorical:
+        np.testing.assert_allclose(outputs[60].features[name], reference.features[name], rtol=1e-5, atol=1e-6)
+    for seq in SCHEMA.sequences:
+        np.testing.assert_allclose(outputs[60].sequences[seq.name], reference.sequences[seq.name], rtol=1e-5,
+                                   atol=1e-6)  # fmt: skip
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads[60], grads[None])
+
+
+def test_dhe_max_distinct_bounds_every_batch():
+    col = _dhe(max_distinct=30)
+    batch = random_batch(64, seed=5, vocab=50)  # 38-47 distinct ids per feature: more than 30
+    with pytest.raises(ValueError, match=r"DHE feature \w+: \d+ distinct ids .* max_distinct = 30"):
+        col.host_ids(batch)
+    # Past the host check (ids built by hand), an over-full batch embeds to NaN, never to wrong vectors.
+    ids = {k: hashing.words_np(batch[k]) for k in ("user", "item", "cate", "site", "item_his", "btag_his")}
+    rows = jax.jit(col.read_rows)({}, ids)
+    assert np.all(np.isnan(rows["item#distinct"]))
+    with pytest.raises(ValueError, match="max_distinct must be in"):
+        DeepHashEmbedding(max_distinct=0)
