@@ -15,6 +15,9 @@ configs' vocabulary-indexed tables become ``--table_rows`` hashed rows per featu
   ``benchmarks/peers.py`` is the analytic 3 x forward matmul FLOPs, the same quantity for an MLP.
 - **share of peak**: FLOPs per example x examples/s / the float32 peak of a jitted 4096 x 4096 matmul, measured
   in the same process (``benchmarks.peers.measure_matmul_peak``).
+- **dots alone** (``--dots_alone``): every dot of the step timed alone (jitted, its own shapes and dimension
+  numbers): the step's time if only its matmuls cost anything, so the best share of the peak XLA's CPU dots
+  allow on these shapes.
 - **profile** (``--profile``): one step under ``jax.profiler`` (perfetto trace); every executed HLO op's time,
   summed by the Flax module it came from (the op's ``op_name`` metadata) and by forward / backward / outside
   autodiff (row reads, DHE hash encoding, sparse and dense updates), with the top ops.
@@ -45,6 +48,7 @@ STEPS = flags.DEFINE_integer("steps", 3, "Timed steps (after one warm-up step)."
 USERS = flags.DEFINE_integer("num_users", 2_000, "Synthetic users (about 20 impressions each).")
 TABLE_ROWS = flags.DEFINE_integer("table_rows", 100_000, "Hashed rows per feature for the vocabulary tables.")
 PROFILE = flags.DEFINE_bool("profile", False, "Profile one step and print where its time goes.")
+DOTS_ALONE = flags.DEFINE_bool("dots_alone", False, "Time each of the step's dots alone (a bound on the step).")
 TOP = flags.DEFINE_integer("top", 15, "Top HLO ops printed by --profile.")
 DATA = flags.DEFINE_string("data_dir", None, "Where the synthetic raw files go (default: a temporary directory).")
 OVERRIDES = flags.DEFINE_multi_string("gin_binding", [], "Extra gin bindings.")
@@ -52,20 +56,71 @@ OVERRIDES = flags.DEFINE_multi_string("gin_binding", [], "Extra gin bindings.")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?([\w.\-]+) = \w+\[([\d,]*)\]\S* ([\w\-]+)\(([^)]*)\)(.*)$", re.M)
 
 
-def dot_flops(hlo_text: str) -> int:
-    """2 x multiply-adds of every ``dot`` in an HLO module's text."""
-    shapes, dots = {}, []
+def _dims(attrs: str, key: str) -> tuple[int, ...]:
+    m = re.search(key + r"=\{([\d,]*)\}", attrs)
+    return tuple(int(i) for i in m.group(1).split(",") if i) if m else ()
+
+
+def parse_dots(hlo_text: str) -> list[dict]:
+    """Every ``dot`` of an HLO module's text (with ``debug_info``): shapes, dimension numbers, FLOPs, op_name."""
+    shapes, found = {}, []
     for m in _INSTRUCTION.finditer(hlo_text):
         name, dims, op, operands, attrs = m.groups()
-        shapes[name] = [int(d) for d in dims.split(",") if d]
+        shapes[name] = tuple(int(d) for d in dims.split(",") if d)
         if op == "dot":
-            dots.append((name, operands.split(",")[0].strip(), attrs))
-    total = 0
-    for name, lhs, attrs in dots:
-        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attrs).group(1)
-        k = math.prod(shapes[lhs][int(i)] for i in contracting.split(",") if i)
-        total += 2 * math.prod(shapes[name]) * k
-    return total
+            found.append((name, [o.strip() for o in operands.split(",")], attrs))
+    dots = []
+    for name, (lhs, rhs), attrs in found:
+        contracting = _dims(attrs, "lhs_contracting_dims")
+        op_name = re.search(r'op_name="([^"]*)"', attrs)
+        dots.append(dict(
+            lhs=shapes[lhs], rhs=shapes[rhs],
+            dims=((contracting, _dims(attrs, "rhs_contracting_dims")),
+                  (_dims(attrs, "lhs_batch_dims"), _dims(attrs, "rhs_batch_dims"))),
+            flops=2 * math.prod(shapes[name]) * math.prod(shapes[lhs][i] for i in contracting),
+            op_name=op_name.group(1) if op_name else "?",
+        ))  # fmt: skip
+    return dots
+
+
+def dot_flops(dots: list[dict]) -> collections.Counter[str]:
+    """2 x multiply-adds of the dots, by op_name."""
+    flops: collections.Counter[str] = collections.Counter()
+    for d in dots:
+        flops[d["op_name"]] += d["flops"]
+    return flops
+
+
+def dots_alone_s(dots: list[dict]) -> float:
+    """Seconds the step's dots take one by one, each jitted alone on random f32 operands (best of 3): what the
+    step would take if nothing but its matmuls cost time."""
+    import jax
+    import jax.numpy as jnp
+
+    best: dict = {}
+    for d in dots:
+        key = (d["lhs"], d["rhs"], d["dims"])
+        if key not in best:
+            a = jax.random.normal(jax.random.key(0), d["lhs"], jnp.float32)
+            b = jax.random.normal(jax.random.key(1), d["rhs"], jnp.float32)
+            f = jax.jit(lambda x, y, dims=d["dims"]: jax.lax.dot_general(x, y, dims))
+            jax.block_until_ready(f(a, b))
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                jax.block_until_ready(f(a, b))
+                times.append(time.perf_counter() - t)
+            best[key] = min(times)
+    total = collections.Counter()
+    for d in dots:
+        total[d["op_name"].split("/")[-2] + f" {d['lhs']}x{d['rhs']}"] += best[(d["lhs"], d["rhs"], d["dims"])]
+    flops = collections.Counter()
+    for d in dots:
+        flops[d["op_name"].split("/")[-2] + f" {d['lhs']}x{d['rhs']}"] += d["flops"]
+    print("  slowest dots alone (op, lhs x rhs: time, GFLOP/s):")
+    for key, t in total.most_common(8):
+        print(f"    {t * 1e3:7.1f} ms {flops[key] / t / 1e9:6.1f} GFLOP/s  {key}")
+    return sum(total.values())
 
 
 def build(config: str, data_dir: str):
@@ -142,8 +197,8 @@ def _category(op_name: str) -> tuple[str, str]:
     return phase, module
 
 
-def profile(step, state, batch, ids, top: int) -> None:
-    """One step under the profiler; prints time by (pass, module) and the top ops."""
+def profile(step, state, batch, ids, flops: collections.Counter[str], top: int):
+    """One step under the profiler; prints time and matmul FLOPs by (pass, module), and the top ops."""
     import jax
 
     compiled = step.lower(state, batch, ids).compile()
@@ -162,14 +217,19 @@ def profile(step, state, batch, ids, top: int) -> None:
     for e in events:
         if e.get("ph") == "X" and e["name"] in meta:
             per_op[e["name"]] += e.get("dur", 0) / 1e3
-    total = sum(per_op.values())
+    total, total_flops = sum(per_op.values()), sum(flops.values())
     by_cat: collections.Counter[tuple[str, str]] = collections.Counter()
+    flops_by_cat: collections.Counter[tuple[str, str]] = collections.Counter()
     for name, ms in per_op.items():
         by_cat[_category(meta[name])] += ms
-    print(f"  profile: {total:.0f} ms in {len(per_op)} HLO ops (summed over threads)")
-    for (phase, module), ms in sorted(by_cat.items(), key=lambda t: -t[1]):
-        if ms >= 0.005 * total:
-            print(f"    {ms:8.0f} ms {ms / total:6.1%}  {phase:<17} {module}")
+    for op_name, f in flops.items():
+        flops_by_cat[_category(op_name)] += f
+    print(f"  profile: {total:.0f} ms in {len(per_op)} HLO ops (summed over threads); time and matmul FLOPs by "
+          f"pass and module:")  # fmt: skip
+    for cat in sorted(set(by_cat) | set(flops_by_cat), key=lambda c: -by_cat[c]):
+        ms, f = by_cat[cat], flops_by_cat[cat]
+        if ms >= 0.005 * total or f >= 0.005 * total_flops:
+            print(f"    {ms:8.0f} ms {ms / total:6.1%}  FLOPs {f / total_flops:6.1%}  {cat[0]:<17} {cat[1]}")
     print(f"  top {top} ops:")
     for name, ms in per_op.most_common(top):
         print(f"    {ms:8.0f} ms {ms / total:6.1%}  {name:<24} {meta[name][-110:]}")
@@ -199,31 +259,38 @@ def main(argv: list[str]) -> None:
 
     data_dir = DATA.value or tempfile.mkdtemp(prefix="sequence_speed_")
     print(f"batch {BATCH.value}, {jax.devices()[0].device_kind}, load average {os.getloadavg()[0]:.1f}")
-    peak = peers.measure_matmul_peak()
-    print(f"f32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
     for config in CONFIGS.value:
         t0 = time.perf_counter()
         module, state, step, batch, ids, host = build(config, data_dir)
         lowered = step.lower(state, batch, ids)
-        flops = dot_flops(lowered.as_text(dialect="hlo")) / BATCH.value
-        cost = lowered.compile().cost_analysis()
+        dots = parse_dots(lowered.as_text(dialect="hlo", debug_info=True))
+        flops = dot_flops(dots)
+        per_example = sum(flops.values()) / BATCH.value
+        compiled = lowered.compile()
+        cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
-        xla_flops = cost.get("flops", float("nan")) / BATCH.value
-        print(f"\n{config}: built in {time.perf_counter() - t0:.0f} s; distinct ids in the batch: "
-              f"{distinct_ids(host, module.collection.schema)}")
+        temp_gb = compiled.memory_analysis().temp_size_in_bytes / 2**30
+        print(f"\n{config}: built in {time.perf_counter() - t0:.0f} s; step temporaries {temp_gb:.1f} GiB; distinct "
+              f"ids in the batch: {distinct_ids(host, module.collection.schema)}")
+        peak_before = peers.measure_matmul_peak()
         state, times = time_steps(step, state, batch, ids, STEPS.value)
+        peak_after = peers.measure_matmul_peak()
         best, median = min(times), sorted(times)[len(times) // 2]
         rate = BATCH.value / best
         print(f"  step: best {best * 1e3:,.0f} ms, median {median * 1e3:,.0f} ms over {len(times)} "
               f"(load average {os.getloadavg()[0]:.1f}) = {rate:,.0f} examples/s (best)")
-        print(f"  matmul FLOPs per example (HLO dots, fwd + bwd): {flops / 1e6:.1f} M; XLA cost analysis (all ops): "
-              f"{xla_flops / 1e6:.1f} M")
-        print(f"  share of the f32 matmul peak: {flops * rate / peak:.1%} ({flops * rate / 1e9:.1f} of "
-              f"{peak / 1e9:.1f} GFLOP/s)")
+        print(f"  matmul FLOPs per example (HLO dots, fwd + bwd): {per_example / 1e6:.1f} M; XLA cost analysis "
+              f"(all ops): {cost.get('flops', float('nan')) / BATCH.value / 1e6:.1f} M")
+        for when, peak in (("before", peak_before), ("after", peak_after)):
+            print(f"  share of the f32 matmul peak measured {when}: {per_example * rate / peak:.1%} "
+                  f"({per_example * rate / 1e9:.1f} of {peak / 1e9:.1f} GFLOP/s)")
+        if DOTS_ALONE.value:
+            alone = dots_alone_s(dots)
+            print(f"  the step's {len(dots)} dots alone: {alone * 1e3:,.0f} ms = {per_example * BATCH.value / alone / 1e9:.1f} "
+                  f"GFLOP/s; a step costing only its dots would reach {BATCH.value / alone:,.0f} examples/s")
         if PROFILE.value:
-            state = profile(step, state, batch, ids, TOP.value)
+            state = profile(step, state, batch, ids, flops, TOP.value)
         del state, step
-
 
 if __name__ == "__main__":
     app.run(main)

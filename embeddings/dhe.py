@@ -25,15 +25,16 @@ Cost: the encoding is ``[..., k]`` per id (``k = 1024``, batch 4096, 26 features
 one fused elementwise op and consumed by the first matmul; ``dtype="bfloat16"`` halves it. Its compute,
 ``~2 x network parameters`` FLOPs per id, is what DHE trades for table memory.
 
-Deduplication (``max_distinct``): an id's embedding depends on the id alone, so a feature read many times per
-batch (a behaviour sequence: 50 events per example, few distinct categories) needs the network once per
-*distinct* id. With ``max_distinct`` set, every feature whose batch holds more ids than that (over all its
-inputs) encodes and runs the network on at most ``max_distinct`` distinct ids (found on the device by one sort,
-:func:`kernels.dedupe.unique_words`) and gathers the outputs back: the same values (the network is row-wise),
-the FLOPs of the distinct ids. The shapes are static, so ``max_distinct`` bounds every batch: ``host_ids``
-raises when a batch has more (each host checks ``distinct x processes <= max_distinct``, which suffices), and
-should a batch pass some other way the outputs are NaN, never silently wrong. Features with fewer ids per batch
-than ``max_distinct`` run per occurrence, as without it.
+Deduplication (``distinct_fraction``): an id's embedding depends on the id alone, so a feature read by behaviour
+sequences (50 events per example, few distinct categories) needs the network once per *distinct* id of a batch,
+not once per occurrence. With ``distinct_fraction`` set, every feature with a sequence among its inputs encodes
+and runs its network on ``ceil(distinct_fraction x its ids in the batch)`` slots for its distinct ids (found on
+the device by one sort, :func:`kernels.dedupe.unique_words`) and gathers the outputs back: the same values (the
+network is row-wise) for that share of the FLOPs. Shapes are static, so the fraction bounds every batch:
+``host_ids`` raises, naming the feature, when a batch has more distinct ids (each host checks ``distinct x
+processes <= slots``, which suffices); should a batch get past it some other way, the outputs are NaN, never
+silently wrong. A fraction, not a count, because in a larger batch (evaluation's) histories overlap more.
+Features without sequences (mostly distinct per batch: user, ad) run per occurrence.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 NORMALIZATIONS = ("layer", "none")
 TRANSFORMS = ("uniform", "gaussian")
 _HASH_LEVELS = 2.0**16
-_EXACT_FLOAT_INT = 2**24  # the inverse indices travel as float32 "rows" (autodiff needs float): exact below this
+_EXACT_FLOAT_INT = 2**24  # the distinct-id indices travel as float32 "rows" (autodiff needs floats): exact below
 
 
 def encode(words: jax.Array, salt: int, k: int, transform: str, dtype: str = "float32") -> jax.Array:
@@ -120,8 +121,9 @@ class DeepHashEmbedding:
       budget_bytes: if set, all hidden layers get one common width, the largest whose float32 network
         parameters (all networks) fit this budget.
       dtype: dtype of the encoding and the network's computation (parameters stay float32).
-      max_distinct: run each feature's network once per distinct id of the batch, for at most this many
-        distinct ids per feature and global batch (see the module docstring); None: once per occurrence.
+      distinct_fraction: run the networks of features read by sequences once per distinct id of the batch,
+        with room for this fraction of their ids being distinct (see the module docstring); None: once per
+        occurrence.
     """
 
     k: int = 1024
@@ -132,7 +134,7 @@ class DeepHashEmbedding:
     shared: bool = False
     budget_bytes: int | None = None
     dtype: str = "float32"
-    max_distinct: int | None = None
+    distinct_fraction: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(self.hidden))  # gin may give a list; keep the config hashable
@@ -146,9 +148,8 @@ class DeepHashEmbedding:
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"DeepHashEmbedding.normalization must be one of {NORMALIZATIONS}, "
                              f"got {self.normalization!r}")
-        if self.max_distinct is not None and not 0 < self.max_distinct <= _EXACT_FLOAT_INT:
-            raise ValueError(f"DeepHashEmbedding.max_distinct must be in [1, {_EXACT_FLOAT_INT}], "
-                             f"got {self.max_distinct}")
+        if self.distinct_fraction is not None and not 0 < self.distinct_fraction < 1:
+            raise ValueError(f"DeepHashEmbedding.distinct_fraction must be in (0, 1), got {self.distinct_fraction}")
 
     def build(self, key: str, specs: Sequence[FeatureSpec], row_alignment: int) -> DHEPart:
         del row_alignment  # no tables
@@ -206,10 +207,10 @@ class DHEPart:
         """``uint32 [..., 2]`` fingerprint words per input (see :func:`embeddings.hashing.words_np`).
 
         Raises:
-          ValueError: a deduplicated feature has more distinct ids in ``batch`` than ``max_distinct`` allows.
+          ValueError: a deduplicated feature has more distinct ids in ``batch`` than ``distinct_fraction`` allows.
         """
         for spec in self.specs:
-            size = self._dedupe_size(sum(np.size(batch[source]) for source in spec.inputs))
+            size = self._dedupe_size([np.shape(batch[source]) for source in spec.inputs])
             if size is None:
                 continue
             distinct = len(np.unique(np.concatenate([np.ravel(batch[source]) for source in spec.inputs])))
@@ -217,7 +218,8 @@ class DHEPart:
             if distinct * processes > size:
                 raise ValueError(
                     f"DHE feature {spec.name}: {distinct:,} distinct ids in this host's batch (x {processes} "
-                    f"processes) exceed DeepHashEmbedding.max_distinct = {size:,}: raise it"
+                    f"processes) exceed the {size:,} slots of DeepHashEmbedding.distinct_fraction = "
+                    f"{self.config.distinct_fraction}: raise it"
                 )
         return {source: hashing.words_np(batch[source]) for spec in self.specs for source in spec.inputs}
 
@@ -227,21 +229,28 @@ class DHEPart:
         del index_tables
         return {source: hashing.words_tf(batch[source]) for spec in self.specs for source in spec.inputs}
 
-    def _dedupe_size(self, num_ids: int) -> int | None:
-        """How many distinct ids a feature with ``num_ids`` ids per batch is computed for; None: per occurrence
-        (also for a symbolic batch size, as in the batch-polymorphic serving export)."""
-        m = self.config.max_distinct
-        return m if m is not None and isinstance(num_ids, int) and num_ids > m else None
+    def _dedupe_size(self, shapes: Sequence[tuple[int, ...]]) -> int | None:
+        """Distinct-id slots of a feature whose inputs have ``shapes`` (ids, ``[B]`` or ``[B, L]``); None: per
+        occurrence (also for a symbolic batch size, as in the batch-polymorphic serving export)."""
+        f = self.config.distinct_fraction
+        num_ids = sum(math.prod(s) for s in shapes)
+        if f is None or all(len(s) < 2 for s in shapes) or not isinstance(num_ids, int):
+            return None
+        size = math.ceil(f * num_ids)
+        if size >= _EXACT_FLOAT_INT:
+            raise ValueError(f"DHE: {size:,} distinct-id slots in one batch is past the float32 index range: "
+                             f"lower DeepHashEmbedding.distinct_fraction or the batch size")
+        return size
 
     def encode(self, ids: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """This family's "rows" (no parameters, outside autodiff): per input, the hash encodings ``[..., k]``;
-        for a deduplicated feature instead its distinct ids' encodings ``[max_distinct, k]`` (under
+        for a deduplicated feature instead its distinct ids' encodings ``[slots, k]`` (under
         :func:`_distinct_key`) and per input the index of each id among them, as float32 ``[...]``."""
         c = self.config
         out = {}
         for spec in self.specs:
             salt = hashing.salt(spec.name)
-            size = self._dedupe_size(sum(math.prod(ids[source].shape[:-1]) for source in spec.inputs))
+            size = self._dedupe_size([ids[source].shape[:-1] for source in spec.inputs])
             if size is None:
                 out.update({source: encode(ids[source], salt, c.k, c.transform, c.dtype) for source in spec.inputs})
                 continue
@@ -266,7 +275,7 @@ class DHEPart:
             if name not in networks:
                 networks[name] = DHENetwork(self.hidden, spec.dim, c.activation, c.normalization, c.dtype, name=name)
             if _distinct_key(spec) in rows:
-                distinct = networks[name](rows[_distinct_key(spec)])  # [max_distinct, dim]
+                distinct = networks[name](rows[_distinct_key(spec)])  # [slots, dim]
                 for source in spec.inputs:
                     out[source] = jnp.take(distinct, jax.lax.stop_gradient(rows[source]).astype(jnp.int32), axis=0)
                 continue

@@ -295,18 +295,17 @@ def test_unique_words_matches_numpy_unique():
 
 
 def test_dhe_deduplicated_equals_per_occurrence():
-    """max_distinct runs the networks once per distinct id: same embeddings and parameter gradients as once per
-    occurrence (the old computation), for features, the shared item/sequence spec and the standalone sequence."""
-    batch = random_batch(64, seed=5, vocab=50)  # every spec has 64 or more ids per batch, at most 50 distinct
-    cols = {m: _dhe(shared=True, max_distinct=m) for m in (None, 60)}
-    deduped_rows = jax.jit(cols[60].read_rows)({}, cols[60].host_ids(batch))
-    assert {k for k in deduped_rows if k.endswith("#distinct")} == {f"{n}#distinct" for n in
-                                                                    ("user", "item", "cate", "site", "btag_his")}
-    assert deduped_rows["item#distinct"].shape == (60, 32)  # the network's input: 60 rows, not 64 + 64 x 5
+    """distinct_fraction runs the networks of features read by sequences once per distinct id: the same
+    embeddings and parameter gradients as once per occurrence (the old computation)."""
+    batch = random_batch(64, seed=5, vocab=50)  # item: 64 + 64 x 5 ids, btag_his 64 x 5; at most 50 distinct
+    cols = {f: _dhe(shared=True, distinct_fraction=f) for f in (None, 0.2)}
+    deduped_rows = jax.jit(cols[0.2].read_rows)({}, cols[0.2].host_ids(batch))
+    assert {k for k in deduped_rows if k.endswith("#distinct")} == {"item#distinct", "btag_his#distinct"}
+    assert deduped_rows["item#distinct"].shape == (77, 32)  # the network's input: ceil(0.2 x 384) rows, not 384
     variables, _, reference = _embed(cols[None], batch)
     dev = device_batch(batch)
     grads, outputs = {}, {}
-    for m, col in cols.items():
+    for f, col in cols.items():
         head = Head(col)
         rows = jax.jit(col.read_rows)({}, col.host_ids(batch))
 
@@ -314,23 +313,23 @@ def test_dhe_deduplicated_equals_per_occurrence():
             logits, inputs = head.apply({"params": params}, rows, dev)
             return jnp.mean(logits**2), inputs
 
-        (_, outputs[m]), grads[m] = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+        (_, outputs[f]), grads[f] = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
     for name in SCHEMA.categorical:
-        np.testing.assert_allclose(outputs[60].features[name], reference.features[name], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(outputs[0.2].features[name], reference.features[name], rtol=1e-5, atol=1e-6)
     for seq in SCHEMA.sequences:
-        np.testing.assert_allclose(outputs[60].sequences[seq.name], reference.sequences[seq.name], rtol=1e-5,
+        np.testing.assert_allclose(outputs[0.2].sequences[seq.name], reference.sequences[seq.name], rtol=1e-5,
                                    atol=1e-6)  # fmt: skip
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads[60], grads[None])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads[0.2], grads[None])
 
 
-def test_dhe_max_distinct_bounds_every_batch():
-    col = _dhe(max_distinct=30)
-    batch = random_batch(64, seed=5, vocab=50)  # 38-47 distinct ids per feature: more than 30
-    with pytest.raises(ValueError, match=r"DHE feature \w+: \d+ distinct ids .* max_distinct = 30"):
+def test_dhe_distinct_fraction_bounds_every_batch():
+    col = _dhe(distinct_fraction=0.05)
+    batch = random_batch(64, seed=5, vocab=50)  # ~47 distinct items in 384 ids: more than 20 slots
+    with pytest.raises(ValueError, match=r"DHE feature item: \d+ distinct ids .* 20 slots of .*distinct_fraction"):
         col.host_ids(batch)
     # Past the host check (ids built by hand), an over-full batch embeds to NaN, never to wrong vectors.
     ids = {k: hashing.words_np(batch[k]) for k in ("user", "item", "cate", "site", "item_his", "btag_his")}
     rows = jax.jit(col.read_rows)({}, ids)
     assert np.all(np.isnan(rows["item#distinct"]))
-    with pytest.raises(ValueError, match="max_distinct must be in"):
-        DeepHashEmbedding(max_distinct=0)
+    with pytest.raises(ValueError, match="distinct_fraction must be in"):
+        DeepHashEmbedding(distinct_fraction=1.0)
