@@ -49,6 +49,7 @@ USERS = flags.DEFINE_integer("num_users", 2_000, "Synthetic users (about 20 impr
 TABLE_ROWS = flags.DEFINE_integer("table_rows", 100_000, "Hashed rows per feature for the vocabulary tables.")
 PROFILE = flags.DEFINE_bool("profile", False, "Profile one step and print where its time goes.")
 DOTS_ALONE = flags.DEFINE_bool("dots_alone", False, "Time each of the step's dots alone (a bound on the step).")
+MAX_TEMP = flags.DEFINE_float("max_temp_gib", 8.0, "Skip running a step whose compiled temporaries exceed this (GiB).")
 TOP = flags.DEFINE_integer("top", 15, "Top HLO ops printed by --profile.")
 DATA = flags.DEFINE_string("data_dir", None, "Where the synthetic raw files go (default: a temporary directory).")
 OVERRIDES = flags.DEFINE_multi_string("gin_binding", [], "Extra gin bindings.")
@@ -272,6 +273,9 @@ def main(argv: list[str]) -> None:
         temp_gb = compiled.memory_analysis().temp_size_in_bytes / 2**30
         print(f"\n{config}: built in {time.perf_counter() - t0:.0f} s; step temporaries {temp_gb:.1f} GiB; distinct "
               f"ids in the batch: {distinct_ids(host, module.collection.schema)}")
+        if temp_gb > MAX_TEMP.value:
+            print(f"  not run: {temp_gb:.1f} GiB of temporaries > --max_temp_gib={MAX_TEMP.value:g}")
+            continue
         peak_before = peers.measure_matmul_peak()
         state, times = time_steps(step, state, batch, ids, STEPS.value)
         peak_after = peers.measure_matmul_peak()

@@ -29,8 +29,9 @@ Deduplication (``distinct_fraction``): an id's embedding depends on the id alone
 sequences (50 events per example, few distinct categories) needs the network once per *distinct* id of a batch,
 not once per occurrence. With ``distinct_fraction`` set, every feature with a sequence among its inputs encodes
 and runs its network on ``ceil(distinct_fraction x its ids in the batch)`` slots for its distinct ids (found on
-the device by one sort, :func:`kernels.dedupe.unique_words`) and gathers the outputs back: the same values (the
-network is row-wise) for that share of the FLOPs. Shapes are static, so the fraction bounds every batch:
+the device by one sort, :func:`kernels.dedupe.unique_words`; at least ``min_slots``, and a feature with fewer
+ids runs per occurrence) and gathers the outputs back: the same values (the network is row-wise) for that
+share of the FLOPs. Shapes are static, so the fraction bounds every batch:
 ``host_ids`` raises, naming the feature, when a batch has more distinct ids (each host checks ``distinct x
 processes <= slots``, which suffices); should a batch get past it some other way, the outputs are NaN, never
 silently wrong. A fraction, not a count, because in a larger batch (evaluation's) histories overlap more.
@@ -124,6 +125,8 @@ class DeepHashEmbedding:
       distinct_fraction: run the networks of features read by sequences once per distinct id of the batch,
         with room for this fraction of their ids being distinct (see the module docstring); None: once per
         occurrence.
+      min_slots: fewest distinct-id slots: a small batch (the init probe's one example, a serving request) may
+        be all distinct, and deduplicating it would save little.
     """
 
     k: int = 1024
@@ -135,6 +138,7 @@ class DeepHashEmbedding:
     budget_bytes: int | None = None
     dtype: str = "float32"
     distinct_fraction: float | None = None
+    min_slots: int = 4096
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(self.hidden))  # gin may give a list; keep the config hashable
@@ -236,7 +240,9 @@ class DHEPart:
         num_ids = sum(math.prod(s) for s in shapes)
         if f is None or all(len(s) < 2 for s in shapes) or not isinstance(num_ids, int):
             return None
-        size = math.ceil(f * num_ids)
+        size = max(math.ceil(f * num_ids), self.config.min_slots)
+        if size >= num_ids:
+            return None
         if size >= _EXACT_FLOAT_INT:
             raise ValueError(f"DHE: {size:,} distinct-id slots in one batch is past the float32 index range: "
                              f"lower DeepHashEmbedding.distinct_fraction or the batch size")

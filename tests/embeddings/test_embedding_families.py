@@ -298,7 +298,7 @@ def test_dhe_deduplicated_equals_per_occurrence():
     """distinct_fraction runs the networks of features read by sequences once per distinct id: the same
     embeddings and parameter gradients as once per occurrence (the old computation)."""
     batch = random_batch(64, seed=5, vocab=50)  # item: 64 + 64 x 5 ids, btag_his 64 x 5; at most 50 distinct
-    cols = {f: _dhe(shared=True, distinct_fraction=f) for f in (None, 0.2)}
+    cols = {f: _dhe(shared=True, distinct_fraction=f, min_slots=16) for f in (None, 0.2)}
     deduped_rows = jax.jit(cols[0.2].read_rows)({}, cols[0.2].host_ids(batch))
     assert {k for k in deduped_rows if k.endswith("#distinct")} == {"item#distinct", "btag_his#distinct"}
     assert deduped_rows["item#distinct"].shape == (77, 32)  # the network's input: ceil(0.2 x 384) rows, not 384
@@ -323,7 +323,7 @@ def test_dhe_deduplicated_equals_per_occurrence():
 
 
 def test_dhe_distinct_fraction_bounds_every_batch():
-    col = _dhe(distinct_fraction=0.05)
+    col = _dhe(distinct_fraction=0.05, min_slots=16)
     batch = random_batch(64, seed=5, vocab=50)  # ~47 distinct items in 384 ids: more than 20 slots
     with pytest.raises(ValueError, match=r"DHE feature item: \d+ distinct ids .* 20 slots of .*distinct_fraction"):
         col.host_ids(batch)
@@ -333,3 +333,6 @@ def test_dhe_distinct_fraction_bounds_every_batch():
     assert np.all(np.isnan(rows["item#distinct"]))
     with pytest.raises(ValueError, match="distinct_fraction must be in"):
         DeepHashEmbedding(distinct_fraction=1.0)
+    # A batch with fewer ids than min_slots runs per occurrence (no check, no slots).
+    small = _dhe(distinct_fraction=0.05, min_slots=400)
+    assert not any(k.endswith("#distinct") for k in jax.jit(small.read_rows)({}, small.host_ids(batch)))
