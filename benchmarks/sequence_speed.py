@@ -18,6 +18,8 @@ configs' vocabulary-indexed tables become ``--table_rows`` hashed rows per featu
 - **dots alone** (``--dots_alone``): every dot of the step timed alone (jitted, its own shapes and dimension
   numbers): the step's time if only its matmuls cost anything, so the best share of the peak XLA's CPU dots
   allow on these shapes.
+- **attention layouts** (``--attention_layouts``): the sequence attention's logits alone, as the model writes
+  them and in other layouts.
 - **profile** (``--profile``): one step under ``jax.profiler`` (perfetto trace); every executed HLO op's time,
   summed by the Flax module it came from (the op's ``op_name`` metadata) and by forward / backward / outside
   autodiff (row reads, DHE hash encoding, sparse and dense updates), with the top ops.
@@ -48,6 +50,7 @@ STEPS = flags.DEFINE_integer("steps", 3, "Timed steps (after one warm-up step)."
 USERS = flags.DEFINE_integer("num_users", 2_000, "Synthetic users (about 20 impressions each).")
 TABLE_ROWS = flags.DEFINE_integer("table_rows", 100_000, "Hashed rows per feature for the vocabulary tables.")
 PROFILE = flags.DEFINE_bool("profile", False, "Profile one step and print where its time goes.")
+ATTENTION = flags.DEFINE_bool("attention_layouts", False, "Time the attention logits alone in several layouts.")
 DOTS_ALONE = flags.DEFINE_bool("dots_alone", False, "Time each of the step's dots alone (a bound on the step).")
 MAX_TEMP = flags.DEFINE_float("max_temp_gib", 8.0, "Skip running a step whose compiled temporaries exceed this (GiB).")
 TOP = flags.DEFINE_integer("top", 15, "Top HLO ops printed by --profile.")
@@ -125,7 +128,8 @@ def dots_alone_s(dots: list[dict]) -> float:
 
 
 def build(config: str, data_dir: str):
-    """The trainer's objects for ``configs/<config>.gin``: (module, state, jitted step, device batch, ids, host batch)."""
+    """The trainer's objects for ``configs/<config>.gin``: (module, state, jitted step, device batch, ids, host
+    batch)."""
     import gin
     import jax
 
@@ -180,6 +184,34 @@ def time_steps(step, state, batch, ids, n: int):
         jax.block_until_ready(loss)
         times.append(time.perf_counter() - t)
     return state, times
+
+
+def attention_layouts(batch: int, length: int = 54, heads: int = 2, head_dim: int = 16) -> None:
+    """InterFormer's sequence-attention logits (``[B, L, H, Dh]`` queries and keys) alone, in several layouts."""
+    import jax
+    import jax.numpy as jnp
+
+    q = jax.random.normal(jax.random.key(0), (batch, length, heads, head_dim), jnp.float32)
+    k = jax.random.normal(jax.random.key(1), (batch, length, heads, head_dim), jnp.float32)
+    qh, kh = jnp.transpose(q, (0, 2, 1, 3)), jnp.transpose(k, (0, 2, 1, 3))
+    qf, kf = qh.reshape(batch * heads, length, head_dim), kh.reshape(batch * heads, length, head_dim)
+    variants = [
+        ("einsum bqhd,bkhd->bhqk (as in the model)", lambda a, b: jnp.einsum("bqhd,bkhd->bhqk", a, b), (q, k)),
+        ("einsum bhqd,bhkd->bhqk (heads leading)", lambda a, b: jnp.einsum("bhqd,bhkd->bhqk", a, b), (qh, kh)),
+        ("einsum nqd,nkd->nqk (example x head merged)", lambda a, b: jnp.einsum("nqd,nkd->nqk", a, b), (qf, kf)),
+        ("broadcast multiply + sum, heads leading", lambda a, b: (a[:, :, :, None] * b[:, :, None]).sum(-1), (qh, kh)),
+    ]
+    flops = 2 * batch * heads * length * length * head_dim
+    print(f"attention logits alone, batch {batch}, L {length}, {heads} heads of {head_dim}:")
+    for name, f, args in variants:
+        f = jax.jit(f)
+        jax.block_until_ready(f(*args))
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times.append(time.perf_counter() - t)
+        print(f"  {min(times) * 1e3:7.1f} ms {flops / min(times) / 1e9:5.1f} GFLOP/s  {name}")
 
 
 def _category(op_name: str) -> tuple[str, str]:
@@ -260,6 +292,8 @@ def main(argv: list[str]) -> None:
 
     data_dir = DATA.value or tempfile.mkdtemp(prefix="sequence_speed_")
     print(f"batch {BATCH.value}, {jax.devices()[0].device_kind}, load average {os.getloadavg()[0]:.1f}")
+    if ATTENTION.value:
+        attention_layouts(BATCH.value)
     for config in CONFIGS.value:
         t0 = time.perf_counter()
         module, state, step, batch, ids, host = build(config, data_dir)
@@ -273,6 +307,8 @@ def main(argv: list[str]) -> None:
         temp_gb = compiled.memory_analysis().temp_size_in_bytes / 2**30
         print(f"\n{config}: built in {time.perf_counter() - t0:.0f} s; step temporaries {temp_gb:.1f} GiB; distinct "
               f"ids in the batch: {distinct_ids(host, module.collection.schema)}")
+        print(f"  matmul FLOPs per example (HLO dots, fwd + bwd): {per_example / 1e6:.1f} M; XLA cost analysis "
+              f"(all ops): {cost.get('flops', float('nan')) / BATCH.value / 1e6:.1f} M")
         if temp_gb > MAX_TEMP.value:
             print(f"  not run: {temp_gb:.1f} GiB of temporaries > --max_temp_gib={MAX_TEMP.value:g}")
             continue
@@ -283,18 +319,18 @@ def main(argv: list[str]) -> None:
         rate = BATCH.value / best
         print(f"  step: best {best * 1e3:,.0f} ms, median {median * 1e3:,.0f} ms over {len(times)} "
               f"(load average {os.getloadavg()[0]:.1f}) = {rate:,.0f} examples/s (best)")
-        print(f"  matmul FLOPs per example (HLO dots, fwd + bwd): {per_example / 1e6:.1f} M; XLA cost analysis "
-              f"(all ops): {cost.get('flops', float('nan')) / BATCH.value / 1e6:.1f} M")
         for when, peak in (("before", peak_before), ("after", peak_after)):
             print(f"  share of the f32 matmul peak measured {when}: {per_example * rate / peak:.1%} "
                   f"({per_example * rate / 1e9:.1f} of {peak / 1e9:.1f} GFLOP/s)")
         if DOTS_ALONE.value:
             alone = dots_alone_s(dots)
-            print(f"  the step's {len(dots)} dots alone: {alone * 1e3:,.0f} ms = {per_example * BATCH.value / alone / 1e9:.1f} "
-                  f"GFLOP/s; a step costing only its dots would reach {BATCH.value / alone:,.0f} examples/s")
+            print(f"  the step's {len(dots)} dots alone: {alone * 1e3:,.0f} ms = "
+                  f"{per_example * BATCH.value / alone / 1e9:.1f} GFLOP/s; a step costing only its dots would reach "
+                  f"{BATCH.value / alone:,.0f} examples/s")
         if PROFILE.value:
             state = profile(step, state, batch, ids, flops, TOP.value)
         del state, step
+
 
 if __name__ == "__main__":
     app.run(main)
