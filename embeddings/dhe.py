@@ -213,12 +213,14 @@ class DHEPart:
         Raises:
           ValueError: a deduplicated feature has more distinct ids in ``batch`` than ``distinct_fraction`` allows.
         """
+        processes = jax.process_count()
         for spec in self.specs:
-            size = self._dedupe_size([np.shape(batch[source]) for source in spec.inputs])
+            # The device sees the global batch (this host's rows are 1 / processes of it): its slot count.
+            shapes = [(processes * np.shape(batch[source])[0], *np.shape(batch[source])[1:]) for source in spec.inputs]
+            size = self._dedupe_size(shapes)
             if size is None:
                 continue
             distinct = len(np.unique(np.concatenate([np.ravel(batch[source]) for source in spec.inputs])))
-            processes = jax.process_count()
             if distinct * processes > size:
                 raise ValueError(
                     f"DHE feature {spec.name}: {distinct:,} distinct ids in this host's batch (x {processes} "

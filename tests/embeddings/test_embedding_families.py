@@ -1,5 +1,6 @@
 """Feature specs and the three families: layouts, salts, budgets, DHE determinism and unseen ids."""
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -322,7 +323,7 @@ def test_dhe_deduplicated_equals_per_occurrence():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads[0.2], grads[None])
 
 
-def test_dhe_distinct_fraction_bounds_every_batch():
+def test_dhe_distinct_fraction_bounds_every_batch(monkeypatch):
     col = _dhe(distinct_fraction=0.05, min_slots=16)
     batch = random_batch(64, seed=5, vocab=50)  # ~47 distinct items in 384 ids: more than 20 slots
     with pytest.raises(ValueError, match=r"DHE feature item: \d+ distinct ids .* 20 slots of .*distinct_fraction"):
@@ -333,6 +334,16 @@ def test_dhe_distinct_fraction_bounds_every_batch():
     assert np.all(np.isnan(rows["item#distinct"]))
     with pytest.raises(ValueError, match="distinct_fraction must be in"):
         DeepHashEmbedding(distinct_fraction=1.0)
+    # With P processes the device deduplicates the global batch (P x the host's rows): a host passes when P x its
+    # distinct ids fit the global batch's slots, which guarantees the global distinct ids fit.
+    ids = {"item": np.concatenate([batch["item"], batch["item_his"].ravel()]), "btag_his": batch["btag_his"].ravel()}
+    # The smallest fraction (in whole %) that gives both deduplicated features 2 x their distinct ids in slots.
+    fits = max(math.ceil(100 * 2 * len(np.unique(v)) / (2 * v.size)) for v in ids.values()) / 100
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    _dhe(distinct_fraction=fits, min_slots=16).host_ids(batch)
+    with pytest.raises(ValueError, match=r"DHE feature \w+: .*\(x 2 processes\)"):
+        _dhe(distinct_fraction=fits - 0.01, min_slots=16).host_ids(batch)
+    monkeypatch.undo()
     # A batch with fewer ids than min_slots runs per occurrence (no check, no slots).
     small = _dhe(distinct_fraction=0.05, min_slots=400)
     assert not any(k.endswith("#distinct") for k in jax.jit(small.read_rows)({}, small.host_ids(batch)))
