@@ -24,10 +24,23 @@ Embedding).
 Cost: the encoding is ``[..., k]`` per id (``k = 1024``, batch 4096, 26 features: 436 MB float32), produced by
 one fused elementwise op and consumed by the first matmul; ``dtype="bfloat16"`` halves it. Its compute,
 ``~2 x network parameters`` FLOPs per id, is what DHE trades for table memory.
+
+Deduplication (``distinct_fraction``): an id's embedding depends on the id alone, so a feature read by behaviour
+sequences (50 events per example, few distinct categories) needs the network once per *distinct* id of a batch,
+not once per occurrence. With ``distinct_fraction`` set, every feature with a sequence among its inputs encodes
+and runs its network on ``ceil(distinct_fraction x its ids in the batch)`` slots for its distinct ids (found on
+the device by one sort, :func:`kernels.dedupe.unique_words`; at least ``min_slots``, and a feature with fewer
+ids runs per occurrence) and gathers the outputs back: the same values (the network is row-wise) for that
+share of the FLOPs. Shapes are static, so the fraction bounds every batch:
+``host_ids`` raises, naming the feature, when a batch has more distinct ids (each host checks ``distinct x
+processes <= slots``, which suffices); should a batch get past it some other way, the outputs are NaN, never
+silently wrong. A fraction, not a count, because in a larger batch (evaluation's) histories overlap more.
+Features without sequences (mostly distinct per batch: user, ad) run per occurrence.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -39,6 +52,7 @@ import numpy as np
 from embeddings import hashing
 from embeddings.specs import FeatureSpec
 from embeddings.tables import Lookup, TableConfig
+from kernels import dedupe
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "mish": jax.nn.mish,
@@ -50,6 +64,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 NORMALIZATIONS = ("layer", "none")
 TRANSFORMS = ("uniform", "gaussian")
 _HASH_LEVELS = 2.0**16
+_EXACT_FLOAT_INT = 2**24  # the distinct-id indices travel as float32 "rows" (autodiff needs floats): exact below
 
 
 def encode(words: jax.Array, salt: int, k: int, transform: str, dtype: str = "float32") -> jax.Array:
@@ -107,6 +122,11 @@ class DeepHashEmbedding:
       budget_bytes: if set, all hidden layers get one common width, the largest whose float32 network
         parameters (all networks) fit this budget.
       dtype: dtype of the encoding and the network's computation (parameters stay float32).
+      distinct_fraction: run the networks of features read by sequences once per distinct id of the batch,
+        with room for this fraction of their ids being distinct (see the module docstring); None: once per
+        occurrence.
+      min_slots: fewest distinct-id slots: a small batch (the init probe's one example, a serving request) may
+        be all distinct, and deduplicating it would save little.
     """
 
     k: int = 1024
@@ -117,6 +137,8 @@ class DeepHashEmbedding:
     shared: bool = False
     budget_bytes: int | None = None
     dtype: str = "float32"
+    distinct_fraction: float | None = None
+    min_slots: int = 4096
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(self.hidden))  # gin may give a list; keep the config hashable
@@ -130,6 +152,8 @@ class DeepHashEmbedding:
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"DeepHashEmbedding.normalization must be one of {NORMALIZATIONS}, "
                              f"got {self.normalization!r}")
+        if self.distinct_fraction is not None and not 0 < self.distinct_fraction < 1:
+            raise ValueError(f"DeepHashEmbedding.distinct_fraction must be in (0, 1), got {self.distinct_fraction}")
 
     def build(self, key: str, specs: Sequence[FeatureSpec], row_alignment: int) -> DHEPart:
         del row_alignment  # no tables
@@ -160,6 +184,11 @@ def _network_name(family: str, spec: FeatureSpec, shared: bool) -> str:
     return f"{family}_d{spec.dim}" if shared else f"{family}_{spec.name}"
 
 
+def _distinct_key(spec: FeatureSpec) -> str:
+    """The rows key of a deduplicated feature's distinct encodings (no batch key has a ``#``)."""
+    return f"{spec.name}#distinct"
+
+
 @dataclasses.dataclass(frozen=True)
 class DHEPart:
     """The features one DHE family serves.
@@ -179,22 +208,70 @@ class DHEPart:
     lookups: tuple[Lookup, ...] = ()
 
     def host_ids(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``uint32 [..., 2]`` fingerprint words per input (see :func:`embeddings.hashing.words_np`)."""
+        """``uint32 [..., 2]`` fingerprint words per input (see :func:`embeddings.hashing.words_np`).
+
+        Raises:
+          ValueError: a deduplicated feature has more distinct ids in ``batch`` than ``distinct_fraction`` allows.
+        """
+        processes = jax.process_count()
+        for spec in self.specs:
+            # The device sees the global batch (this host's rows are 1 / processes of it): its slot count.
+            shapes = [(processes * np.shape(batch[source])[0], *np.shape(batch[source])[1:]) for source in spec.inputs]
+            size = self._dedupe_size(shapes)
+            if size is None:
+                continue
+            distinct = len(np.unique(np.concatenate([np.ravel(batch[source]) for source in spec.inputs])))
+            if distinct * processes > size:
+                raise ValueError(
+                    f"DHE feature {spec.name}: {distinct:,} distinct ids in this host's batch (x {processes} "
+                    f"processes) exceed the {size:,} slots of DeepHashEmbedding.distinct_fraction = "
+                    f"{self.config.distinct_fraction}: raise it"
+                )
         return {source: hashing.words_np(batch[source]) for spec in self.specs for source in spec.inputs}
 
     def host_ids_tf(self, batch: Mapping, index_tables: Mapping) -> dict:
-        """TensorFlow twin of :meth:`host_ids` (no vocabulary tables: ``index_tables`` is unused)."""
+        """TensorFlow twin of :meth:`host_ids` (no vocabulary tables: ``index_tables`` is unused; no distinct-id
+        check: an over-full batch gives NaN outputs, see the module docstring)."""
         del index_tables
         return {source: hashing.words_tf(batch[source]) for spec in self.specs for source in spec.inputs}
 
+    def _dedupe_size(self, shapes: Sequence[tuple[int, ...]]) -> int | None:
+        """Distinct-id slots of a feature whose inputs have ``shapes`` (ids, ``[B]`` or ``[B, L]``); None: per
+        occurrence (also for a symbolic batch size, as in the batch-polymorphic serving export)."""
+        f = self.config.distinct_fraction
+        num_ids = sum(math.prod(s) for s in shapes)
+        if f is None or all(len(s) < 2 for s in shapes) or not isinstance(num_ids, int):
+            return None
+        size = max(math.ceil(f * num_ids), self.config.min_slots)
+        if size >= num_ids:
+            return None
+        if size >= _EXACT_FLOAT_INT:
+            raise ValueError(f"DHE: {size:,} distinct-id slots in one batch is past the float32 index range: "
+                             f"lower DeepHashEmbedding.distinct_fraction or the batch size")
+        return size
+
     def encode(self, ids: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        """The hash encodings ``[..., k]``: this family's "rows" (no parameters, outside autodiff)."""
+        """This family's "rows" (no parameters, outside autodiff): per input, the hash encodings ``[..., k]``;
+        for a deduplicated feature instead its distinct ids' encodings ``[slots, k]`` (under
+        :func:`_distinct_key`) and per input the index of each id among them, as float32 ``[...]``."""
         c = self.config
-        return {
-            source: encode(ids[source], hashing.salt(spec.name), c.k, c.transform, c.dtype)
-            for spec in self.specs
-            for source in spec.inputs
-        }
+        out = {}
+        for spec in self.specs:
+            salt = hashing.salt(spec.name)
+            size = self._dedupe_size([ids[source].shape[:-1] for source in spec.inputs])
+            if size is None:
+                out.update({source: encode(ids[source], salt, c.k, c.transform, c.dtype) for source in spec.inputs})
+                continue
+            words = jnp.concatenate([ids[source].reshape(-1, 2) for source in spec.inputs])
+            unique, inverse, count = dedupe.unique_words(words, size)
+            encoded = encode(unique, salt, c.k, c.transform, c.dtype)
+            out[_distinct_key(spec)] = jnp.where(count <= size, encoded, jnp.nan)  # over-full: NaN, not wrong
+            start = 0
+            for source in spec.inputs:
+                shape = ids[source].shape[:-1]
+                out[source] = inverse[start : start + math.prod(shape)].reshape(shape).astype(jnp.float32)
+                start += math.prod(shape)
+        return out
 
     def embed(self, rows: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """Runs the networks on the encodings (inside the caller's Flax ``@nn.compact`` scope)."""
@@ -205,6 +282,11 @@ class DHEPart:
             name = _network_name(self.family, spec, c.shared)
             if name not in networks:
                 networks[name] = DHENetwork(self.hidden, spec.dim, c.activation, c.normalization, c.dtype, name=name)
+            if _distinct_key(spec) in rows:
+                distinct = networks[name](rows[_distinct_key(spec)])  # [slots, dim]
+                for source in spec.inputs:
+                    out[source] = jnp.take(distinct, jax.lax.stop_gradient(rows[source]).astype(jnp.int32), axis=0)
+                continue
             for source in spec.inputs:
                 out[source] = networks[name](rows[source])
         return out

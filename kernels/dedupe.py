@@ -50,3 +50,28 @@ def dedupe_row_grads(
     unique, inverse = unique_rows(rows, num_rows, size)
     summed = jax.ops.segment_sum(grads, inverse, num_segments=size)  # drops inverse == size
     return unique, summed, unique < num_rows
+
+
+def unique_words(words: jax.Array, size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Distinct ids of ``words uint32 [N, 2]`` (two 32-bit words per id, as DHE takes them) and where each went.
+
+    One three-operand sort (both words as keys, the positions as payload), first occurrences flagged and
+    compacted; the inverse is scattered back through the sort's permutation (no search).
+
+    Args:
+      words: the ids.
+      size: output length; ids past the first ``size`` distinct ones are dropped (``count`` tells).
+
+    Returns:
+      ``(unique [size, 2], inverse [N], count)``: the distinct ids in ascending (high, low) order, zero-padded;
+      ``unique[inverse[i]] == words[i]`` whenever ``count <= size``; ``count`` the number of distinct ids.
+    """
+    n = words.shape[0]
+    high, low, order = jax.lax.sort((words[:, 1], words[:, 0], jnp.arange(n, dtype=jnp.int32)), num_keys=2)
+    first = jnp.concatenate([jnp.ones((1,), bool), (high[1:] != high[:-1]) | (low[1:] != low[:-1])])
+    slot = jnp.cumsum(first, dtype=jnp.int32) - 1
+    unique = jnp.zeros((size, 2), words.dtype).at[jnp.where(first, slot, size)].set(
+        jnp.stack([low, high], axis=-1), mode="drop"
+    )
+    inverse = jnp.zeros((n,), jnp.int32).at[order].set(slot, unique_indices=True)
+    return unique, inverse, slot[-1] + 1

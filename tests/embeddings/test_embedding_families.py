@@ -1,5 +1,6 @@
 """Feature specs and the three families: layouts, salts, budgets, DHE determinism and unseen ids."""
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -279,3 +280,70 @@ def test_mixed_families_in_one_collection():
         "user": (16, 4), "item": (16, 8), "cate": (16, 4), "site": (16, 4)}
     assert inputs.sequences["item_his"].shape == (16, 5, 8) and inputs.sequences["btag_his"].shape == (16, 5, 4)
     assert rows["user"].shape == (16, 16)  # DHE's "rows" are its encodings
+
+
+def test_unique_words_matches_numpy_unique():
+    from kernels import dedupe
+
+    fps = random_batch(64, seed=3, vocab=40)["item_his"].ravel()
+    words = hashing.words_np(fps)
+    unique, inverse, count = jax.jit(dedupe.unique_words, static_argnums=1)(jnp.asarray(words), 64)
+    expected, expected_inverse = np.unique(fps, return_inverse=True)  # fingerprints >= 0: (high, low) order
+    assert int(count) == len(expected) <= 40
+    np.testing.assert_array_equal(np.asarray(unique[: len(expected)]), hashing.words_np(expected))
+    np.testing.assert_array_equal(np.asarray(unique[len(expected) :]), 0)
+    np.testing.assert_array_equal(np.asarray(inverse), expected_inverse.ravel())
+
+
+def test_dhe_deduplicated_equals_per_occurrence():
+    """distinct_fraction runs the networks of features read by sequences once per distinct id: the same
+    embeddings and parameter gradients as once per occurrence (the old computation)."""
+    batch = random_batch(64, seed=5, vocab=50)  # item: 64 + 64 x 5 ids, btag_his 64 x 5; at most 50 distinct
+    cols = {f: _dhe(shared=True, distinct_fraction=f, min_slots=16) for f in (None, 0.2)}
+    deduped_rows = jax.jit(cols[0.2].read_rows)({}, cols[0.2].host_ids(batch))
+    assert {k for k in deduped_rows if k.endswith("#distinct")} == {"item#distinct", "btag_his#distinct"}
+    assert deduped_rows["item#distinct"].shape == (77, 32)  # the network's input: ceil(0.2 x 384) rows, not 384
+    variables, _, reference = _embed(cols[None], batch)
+    dev = device_batch(batch)
+    grads, outputs = {}, {}
+    for f, col in cols.items():
+        head = Head(col)
+        rows = jax.jit(col.read_rows)({}, col.host_ids(batch))
+
+        def loss(params, rows=rows, head=head):
+            logits, inputs = head.apply({"params": params}, rows, dev)
+            return jnp.mean(logits**2), inputs
+
+        (_, outputs[f]), grads[f] = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    for name in SCHEMA.categorical:
+        np.testing.assert_allclose(outputs[0.2].features[name], reference.features[name], rtol=1e-5, atol=1e-6)
+    for seq in SCHEMA.sequences:
+        np.testing.assert_allclose(outputs[0.2].sequences[seq.name], reference.sequences[seq.name], rtol=1e-5,
+                                   atol=1e-6)  # fmt: skip
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads[0.2], grads[None])
+
+
+def test_dhe_distinct_fraction_bounds_every_batch(monkeypatch):
+    col = _dhe(distinct_fraction=0.05, min_slots=16)
+    batch = random_batch(64, seed=5, vocab=50)  # ~47 distinct items in 384 ids: more than 20 slots
+    with pytest.raises(ValueError, match=r"DHE feature item: \d+ distinct ids .* 20 slots of .*distinct_fraction"):
+        col.host_ids(batch)
+    # Past the host check (ids built by hand), an over-full batch embeds to NaN, never to wrong vectors.
+    ids = {k: hashing.words_np(batch[k]) for k in ("user", "item", "cate", "site", "item_his", "btag_his")}
+    rows = jax.jit(col.read_rows)({}, ids)
+    assert np.all(np.isnan(rows["item#distinct"]))
+    with pytest.raises(ValueError, match="distinct_fraction must be in"):
+        DeepHashEmbedding(distinct_fraction=1.0)
+    # With P processes the device deduplicates the global batch (P x the host's rows): a host passes when P x its
+    # distinct ids fit the global batch's slots, which guarantees the global distinct ids fit.
+    ids = {"item": np.concatenate([batch["item"], batch["item_his"].ravel()]), "btag_his": batch["btag_his"].ravel()}
+    # The smallest fraction (in whole %) that gives both deduplicated features 2 x their distinct ids in slots.
+    fits = max(math.ceil(100 * 2 * len(np.unique(v)) / (2 * v.size)) for v in ids.values()) / 100
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    _dhe(distinct_fraction=fits, min_slots=16).host_ids(batch)
+    with pytest.raises(ValueError, match=r"DHE feature \w+: .*\(x 2 processes\)"):
+        _dhe(distinct_fraction=fits - 0.01, min_slots=16).host_ids(batch)
+    monkeypatch.undo()
+    # A batch with fewer ids than min_slots runs per occurrence (no check, no slots).
+    small = _dhe(distinct_fraction=0.05, min_slots=400)
+    assert not any(k.endswith("#distinct") for k in jax.jit(small.read_rows)({}, small.host_ids(batch)))
