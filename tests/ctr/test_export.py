@@ -1,19 +1,26 @@
 """SavedModel export against ctr's own evaluation: raw rows in the real layouts, served in a process without JAX.
 
-Each case trains a tiny run for a few steps (8 CPU devices, conftest.py), exports it, and builds ~1,000 raw rows
-of its dataset from the synthetic generators (half from the training file, half from another seed: missing and
-never-seen values included). The reference is the training pipeline: the dataset's numpy parser (and for
-TaobaoAds its join), the prepared vocabulary, ``collection.host_ids`` and the trainer's ``CTRModule`` on the
-restored state. The SavedModel's side runs in one child process that cannot import JAX
-(``serve_saved_model.py``). Cases cover every model and every embedding family:
+Each trained case trains a tiny run for a few steps (8 CPU devices, conftest.py), exports it, and builds ~1,000
+raw rows of its dataset from the synthetic generators (half from the training file, half from another seed:
+missing and never-seen values included). The reference is the training pipeline: the dataset's numpy parser
+(and for TaobaoAds its join), the prepared vocabulary, ``collection.host_ids`` and the trainer's ``CTRModule`` on
+the restored state. The SavedModels' side runs in one child process that cannot import JAX
+(``serve_saved_model.py``). Trained cases (restore from a checkpoint, each pure family):
 
 - criteo / DCNv2 / per-feature vocabulary tables (data prepared with ``min_count``, integer buckets);
 - avazu / DLRM / hashed tables, row-sharded over all 8 devices while training;
-- criteo / DHEN / mixed (Unified Embedding + DHE per feature);
-- taobao / CETNet: an InterFormer tower (behaviour sequences) on Unified Embedding, a DHEN tower on DHE, fused.
+- taobao / CETNet: a DCNv2 tower on Unified Embedding, a DHEN tower on DHE (each its own collection), fused.
 
 The first case exports through the command (``python -m ctr.export``), the second through the end-of-training
-hook (``export_at_end.enabled``), the others through :func:`ctr.export.export`.
+hook (``export_at_end.enabled``), the third through :func:`ctr.export.export`.
+
+The model matrix (``MATRIX``): every model (DCNv2, DLRM, DHEN, InterFormer standalone, CETNet with each tower on
+its own collection) on TaobaoAds prepared with a vocabulary, each on one collection that mixes all four families
+per feature (vocabulary tables, hashed tables, Unified Embedding, DHE; sequences on a vocabulary table, on
+Unified Embedding's chunks and on DHE). These are not trained (a training step's compile would cost more than
+all the rest): the state is the run's own layout with every parameter and table entry drawn at random, biases
+and norms included, so that every row and weight moves the logits (checked: the logits spread). What they check
+is the conversion and the preprocessing; restoring a trained checkpoint is the trained cases' part.
 """
 import os
 import pickle
@@ -59,26 +66,57 @@ CASES = {
         "train.embedding_fn = @build_collection", 'build_collection.families = {"hashed": @PerFeature()}',
         "build_collection.default_dim = 8", "PerFeature.num_buckets = 300",
         'logical_rules.table_rows = ("data", "model")', "export_at_end.enabled = True"]),
-    "criteo-dhen-mixed": dict(dataset="criteo", bindings=[
-        "synthetic_criteo.int_buckets = True",
-        "train.model_name = 'dhen'", "DHENModel.dim = 8", "DHENModel.head = (16,)",
-        "train.embedding_fn = @build_collection",
-        'build_collection.families = {"unified": @Unified(), "dhe": @DeepHashEmbedding()}',
-        'build_collection.default_family = "unified"', 'build_collection.family_of = {"C3": "dhe", "C12": "dhe"}',
-        "build_collection.default_dim = 8", "Unified.budget_rows = 4096", "Unified.num_tables = 2",
-        "Unified.dim_per_chunk = 4", *TINY_DHE]),
     "taobao-cetnet-towers": dict(dataset="taobao", bindings=[
         "train.dataset_fn = @synthetic_taobao", "synthetic_taobao.num_users = 300",
         f"synthetic_taobao.max_len = {TAOBAO_LEN}", "train.batch_size = 128",
-        "train.model_name = 'cetnet'", "interformer/InterFormer.dim = 8", "interformer/InterFormer.num_layers = 1",
-        "interformer/InterFormer.head = (16,)", "dhen/DHENModel.dim = 8", "dhen/DHENModel.head = (16,)",
+        # DCNv2 and DHEN towers: with an InterFormer tower, training this case took a third of this file's time
+        # (InterFormer, standalone and as a tower, is in the matrix).
+        "train.model_name = 'cetnet'", 'CETNet.towers = (("dcnv2", "dcnv2"), ("dhen", "dhen"))',
+        "dcnv2/DCNv2.mlp = (16,)", "dhen/DHENModel.dim = 8", "dhen/DHENModel.head = (16,)",
         "train.embedding_fn = @tower_collections",
-        'tower_collections.towers = {"interformer": @interformer/build_collection, "dhen": @dhen/build_collection}',
-        'interformer/build_collection.families = {"unified": @Unified()}',
-        "interformer/build_collection.default_dim = 8", 'dhen/build_collection.families = {"dhe": @DeepHashEmbedding()}',
+        'tower_collections.towers = {"dcnv2": @dcnv2/build_collection, "dhen": @dhen/build_collection}',
+        'dcnv2/build_collection.families = {"unified": @Unified()}',
+        "dcnv2/build_collection.default_dim = 8", 'dhen/build_collection.families = {"dhe": @DeepHashEmbedding()}',
         "dhen/build_collection.default_dim = 8",
         "Unified.budget_rows = 4096", "Unified.num_tables = 2", "Unified.dim_per_chunk = 4", *TINY_DHE]),
 }
+
+MATRIX_SIZES = ["hashed/PerFeature.num_buckets = 300", "Unified.budget_rows = 2048", "Unified.num_tables = 2",
+                "Unified.dim_per_chunk = 4", *TINY_DHE]  # fmt: skip
+# Every family in one collection: sequences share cate_id's vocabulary table and brand's Unified chunks; btag_his
+# is hashed by DHE.
+MIXED = [
+    "train.embedding_fn = @build_collection", "build_collection.default_dim = 8",
+    'build_collection.families = {"vocab": @vocab/PerFeature(), "hashed": @hashed/PerFeature(), '
+    '"unified": @Unified(), "dhe": @DeepHashEmbedding()}',
+    'build_collection.default_family = "hashed"',
+    'build_collection.family_of = {"cate_id": "vocab", "pid": "vocab", "cms_segid": "vocab", "brand": "unified", '
+    '"customer": "unified", "adgroup_id": "dhe", "btag_his": "dhe"}',
+    "vocab/PerFeature.vocabularies = @vocabularies()", 'vocabularies.features = ("cate_id", "pid", "cms_segid")',
+    *MATRIX_SIZES,
+]
+TINY_INTERFORMER = ["InterFormer.dim = 8", "InterFormer.num_layers = 1", "InterFormer.head = (16,)"]
+TINY_DHEN = ["DHENModel.dim = 8", "DHENModel.head = (16,)"]
+MATRIX = {
+    "dcnv2": MIXED + ["train.model_name = 'dcnv2'", "DCNv2.mlp = (16,)"],
+    "dlrm": MIXED + ["train.model_name = 'dlrm'", "DLRM.dim = 8", "DLRM.bottom_mlp = (16,)", "DLRM.top_mlp = (16,)"],
+    "dhen": MIXED + ["train.model_name = 'dhen'", *TINY_DHEN],
+    "interformer": MIXED + ["train.model_name = 'interformer'", *TINY_INTERFORMER],
+    # Each tower its own collection, both mixed, families assigned differently (the towers' tables and DHE
+    # networks are their own).
+    "cetnet": MIXED + [
+        "train.model_name = 'cetnet'", *TINY_INTERFORMER, *TINY_DHEN,
+        "train.embedding_fn = @tower_collections",
+        'tower_collections.towers = {"interformer": @interformer/build_collection, "dhen": @dhen/build_collection}',
+        'dhen/build_collection.families = {"vocab": @dhen_vocab/PerFeature(), "hashed": @hashed/PerFeature(), '
+        '"unified": @Unified(), "dhe": @DeepHashEmbedding()}',
+        'dhen/build_collection.default_family = "unified"',
+        'dhen/build_collection.family_of = {"userid": "dhe", "cate_id": "vocab", "brand": "hashed", '
+        '"btag_his": "vocab"}',
+        "dhen_vocab/PerFeature.vocabularies = @dhen_vocab/vocabularies()",
+        'dhen_vocab/vocabularies.features = ("cate_id", "btag_his")'],
+}
+ALL = [*CASES, *(f"matrix-{model}" for model in MATRIX)]
 
 
 # -- raw rows of each dataset, as serving inputs and as the training pipeline's host batch --------------------
@@ -184,6 +222,43 @@ def _reference(restored, batch):
     return {"ids": ids, "dev": dev, "logits": logits, "outputs": jax.tree.map(np.asarray, out)}
 
 
+def _prepare_taobao(root):
+    """TaobaoAds raw files prepared with a vocabulary (the matrix's data); returns the prepared directory."""
+    raw_dir, out_dir = str(root / "raw"), str(root / "prepared")
+    synthetic.taobao.write_synthetic(raw_dir, num_users=300, seed=0)
+    gin.clear_config()
+    gin.parse_config([f"taobao.Processing.max_len = {TAOBAO_LEN}", "taobao.Processing.min_count = 2"])
+    prepare_lib.prepare("taobao", raw_dir, out_dir, splits.SplitSpec(), emit=lambda *_: None)
+    gin.clear_config()
+    return out_dir
+
+
+def _random_restored(seed):
+    """The run of the parsed config in its own state layout (``export.rebuild``), every parameter and table
+    entry drawn at random: kernels ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.2^2), biases and the rest
+    ~ N(0, 0.2^2), tables ~ U(-0.5, 0.5) (ten times the init range, so that rows move the logits)."""
+    run = export_lib.rebuild()
+    abstract = jax.eval_shape(run.init_state, jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "kernel":
+            value = rng.normal(0, 1 / np.sqrt(np.prod(leaf.shape[:-1])), leaf.shape)
+        elif name == "scale":
+            value = 1 + 0.2 * rng.normal(size=leaf.shape)
+        else:
+            value = 0.2 * rng.normal(size=leaf.shape)
+        return value.astype(leaf.dtype)
+
+    state = abstract.replace(
+        step=np.int32(0), params=jax.tree_util.tree_map_with_path(draw, abstract.params),
+        tables={k: rng.uniform(-0.5, 0.5, t.shape).astype(t.dtype) for k, t in abstract.tables.items()},
+        table_slots=jax.tree.map(lambda t: np.zeros(t.shape, t.dtype), abstract.table_slots),
+    )  # fmt: skip
+    return export_lib.from_state(run, state, 0)
+
+
 def _take(columns, rows):
     return {k: v[rows] for k, v in columns.items()}
 
@@ -220,6 +295,22 @@ def served(tmp_path_factory):
         gin.clear_config()
         cases[name] = dict(run_dir=run_dir, path=path, restored=restored, results=results, columns=columns,
                            batch=batch, n=n, q=q, ref=ref)  # fmt: skip
+    # The matrix: the trained TaobaoAds case's raw rows, on data prepared with a vocabulary.
+    root = tmp_path_factory.mktemp("matrix")
+    prepared_dir = _prepare_taobao(root)
+    taobao_case = cases["taobao-cetnet-towers"]
+    columns, batch = taobao_case["columns"], taobao_case["batch"]
+    for seed, (model, bindings) in enumerate(MATRIX.items()):
+        gin.clear_config()
+        train_cli.parse_config([TINY], [f'prepared.data_dir = "{prepared_dir}"', f'vocabularies.data_dir = "{prepared_dir}"',
+                                        "train.dataset_fn = @prepared", *bindings])  # fmt: skip
+        restored = _random_restored(seed)
+        path = export_lib.export("", str(root / model), restored=restored, verbose=False)
+        q = {"full": ask(path, "serving_default", columns), "ids": ask(path, "row_ids", columns)}
+        ref = _reference(restored, batch)
+        gin.clear_config()
+        cases[f"matrix-{model}"] = dict(path=path, restored=restored, results={"steps": 0}, columns=columns,
+                                        batch=batch, n=taobao_case["n"], q=q, ref=ref)  # fmt: skip
     bad = _bad_requests(cases)
     for label, (case_name, signature, inputs) in bad.items():
         cases[case_name]["q"][label] = ask(cases[case_name]["path"], signature, inputs)
@@ -257,7 +348,7 @@ def _bad_requests(cases):
 # -- tests ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", ALL)
 def test_served_probabilities_equal_the_eval_step(served, name):
     case = served[name]
     answer, ref = case["a"]["full"], case["ref"]
@@ -266,7 +357,11 @@ def test_served_probabilities_equal_the_eval_step(served, name):
     assert answer["probability"].shape == (case["n"],) and answer["probability"].dtype == np.float32
     assert np.max(np.abs(answer["probability"] - p_ref)) <= 1e-5
     np.testing.assert_allclose(answer["logit"], ref["logits"], atol=1e-4)
+    if name.startswith("matrix-"):  # random weights: the rows and weights move the logits (the check is not void)
+        assert np.std(ref["logits"]) > 0.1, np.std(ref["logits"])
     for label, rows in (("one", slice(0, 1)), ("seven", slice(3, 10))):
+        if label not in case["a"]:  # batches 1 and 7: the trained cases
+            continue
         assert np.max(np.abs(case["a"][label]["probability"] - p_ref[rows])) <= 1e-5
     if "tower_logits" in ref["outputs"]:  # CETNet: every tower and the fusion weights
         for tower, logits in ref["outputs"]["tower_logits"].items():
@@ -274,7 +369,7 @@ def test_served_probabilities_equal_the_eval_step(served, name):
         np.testing.assert_allclose(answer["fusion_weights"], ref["outputs"]["weights"], atol=1e-5)
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", ALL)
 def test_row_ids_equal_the_training_pipeline_bit_for_bit(served, name):
     case = served[name]
     got, ref = case["a"]["ids"], case["ref"]
