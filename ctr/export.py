@@ -249,16 +249,18 @@ def build_module(restored: Restored, asset_dir: str,
         dev = {k: batch[k] for k in device_keys(schema)}
         return dev, ids
 
+    signature = layout.input_signature()
+    preprocess_fn = tf.function(preprocess, input_signature=[signature], jit_compile=False, autograph=False)
+
     def score(features):
-        dev, ids = preprocess(features)
+        dev, ids = preprocess_fn(features)
         return converted(root.params, root.tables, dev, ids)
 
-    signature = layout.input_signature()
     serving_fn = tf.function(score, input_signature=[signature], jit_compile=False, autograph=False)
     signatures = {"serving_default": serving_fn.get_concrete_function()}
 
-    def row_ids(features):
-        dev, ids = preprocess(features)
+    def row_ids(features):  # the same preprocessing function as serving_default (traced once)
+        dev, ids = preprocess_fn(features)
         return {**dev, **{f"ids/{k}": v for k, v in ids.items()}}
 
     signatures["row_ids"] = tf.function(row_ids, input_signature=[signature], jit_compile=False,

@@ -24,6 +24,7 @@ is the conversion and the preprocessing; restoring a trained checkpoint is the t
 """
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -116,6 +117,8 @@ MATRIX = {
         "dhen_vocab/PerFeature.vocabularies = @dhen_vocab/vocabularies()",
         'dhen_vocab/vocabularies.features = ("cate_id", "btag_his")'],
 }
+# Serialized for more platforms than this machine has: lowering for CUDA and TPU needs no such device.
+MATRIX_PLATFORMS = {"cetnet": ("cpu", "cuda", "tpu")}
 ALL = [*CASES, *(f"matrix-{model}" for model in MATRIX)]
 
 
@@ -305,7 +308,8 @@ def served(tmp_path_factory):
         train_cli.parse_config([TINY], [f'prepared.data_dir = "{prepared_dir}"', f'vocabularies.data_dir = "{prepared_dir}"',
                                         "train.dataset_fn = @prepared", *bindings])  # fmt: skip
         restored = _random_restored(seed)
-        path = export_lib.export("", str(root / model), restored=restored, verbose=False)
+        path = export_lib.export("", str(root / model), restored=restored, verbose=False,
+                                 platforms=MATRIX_PLATFORMS.get(model, export_lib.DEFAULT_PLATFORMS))  # fmt: skip
         q = {"full": ask(path, "serving_default", columns), "ids": ask(path, "row_ids", columns)}
         ref = _reference(restored, batch)
         gin.clear_config()
@@ -341,6 +345,10 @@ def _bad_requests(cases):
     bad["bad_lines"] = ("criteo-dcnv2-vocab", "parse_lines", {"lines": np.array(["1\t2\t3", "0" + "\t" * 39], object)})
     long = dict(taobao_cols, history_length=np.array([1, TAOBAO_LEN + 1, 0, 2], np.int64))
     bad["bad_history"] = ("taobao-cetnet-towers", "serving_default", long)
+    bad["bad_history_dtype"] = ("taobao-cetnet-towers", "serving_default",
+                                dict(taobao_cols, history_length=taobao_cols["history_length"].astype(np.int32)))
+    bad["bad_history_rank"] = ("taobao-cetnet-towers", "serving_default",
+                               dict(taobao_cols, history_length=taobao_cols["history_length"][:, None]))
     bad["bad_seq_len"] = ("taobao-cetnet-towers", "serving_default", dict(taobao_cols, cate_his=taobao_cols["cate_his"][:, 1:]))
     return bad
 
@@ -414,8 +422,22 @@ def test_bad_input_fails_with_invalid_argument_naming_the_column(served):
         answer = a[label]
         assert isinstance(answer, tuple) and answer[1] == kind and text in answer[2], (label, answer[:2], answer[2][:500])
     a = served["taobao-cetnet-towers"]["a"]
-    for label, text in (("bad_history", "input history_length"), ("bad_seq_len", "input cate_his")):
+    for label, text in (("bad_history", "input history_length"), ("bad_seq_len", "input cate_his"),
+                        ("bad_history_rank", "input history_length: expected shape [batch]")):  # fmt: skip
         assert a[label][1] == "InvalidArgumentError" and text in a[label][2], (label, a[label])
+
+
+def test_wrong_dtype_fails_with_invalid_argument_giving_the_input_position(served):
+    """A wrong dtype is refused by TensorFlow's signature dispatch before any op of the graph runs, so no check
+    of ours can name the input; its message gives the input's position among the signature's inputs in name
+    order (TensorFlow flattens them by sorted name), which identifies it."""
+    for case, label, column in (("criteo-dcnv2-vocab", "bad_dtype", "I3"),
+                                ("taobao-cetnet-towers", "bad_history_dtype", "history_length")):  # fmt: skip
+        answer = served[case]["a"][label]
+        assert isinstance(answer, tuple) and answer[1] == "InvalidArgumentError", (label, answer)
+        found = re.search(r"input #(\d+)\(zero-based\) was expected to be a (\w+) tensor but is a (\w+) tensor", answer[2])
+        assert found, answer[2]
+        assert sorted(served[case]["columns"])[int(found.group(1))] == column
 
 
 def test_export_command_reports_a_run_without_checkpoints(tmp_path):
@@ -426,15 +448,32 @@ def test_export_command_reports_a_run_without_checkpoints(tmp_path):
         assert done.returncode == 2 and text in done.stderr and "ctr.export: error:" in done.stderr, done.stderr[-800:]
 
 
-def test_tables_are_variables_and_saved_model_pb_stays_small(served):
+def _graph(path):
     from tensorflow.core.protobuf import saved_model_pb2
 
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    return proto.meta_graphs[0].graph_def
+
+
+def test_the_model_is_serialized_for_the_platforms_asked_for(served):
+    """The matrix's CETNet (InterFormer and DHEN towers, every family) was exported for CPU, CUDA and TPU on this
+    CPU-only machine; its CPU lowering is what served it above. One XlaCallModule per export (parse_lines calls
+    serving_default's function)."""
+    for name, case in served.items():
+        graph = _graph(case["path"])
+        calls = [n for f in graph.library.function for n in f.node_def if n.op == "XlaCallModule"]
+        want = MATRIX_PLATFORMS.get(name[len("matrix-"):], ()) if name.startswith("matrix-") else ()
+        assert len(calls) == 1, (name, len(calls))
+        got = [p.decode() for p in calls[0].attr["platforms"].list.s]
+        assert got == [p.upper() for p in want or export_lib.DEFAULT_PLATFORMS], (name, got)
+
+
+def test_tables_are_variables_and_saved_model_pb_stays_small(served):
     for name, case in served.items():
         path = case["path"]
-        proto = saved_model_pb2.SavedModel()
-        with open(os.path.join(path, "saved_model.pb"), "rb") as f:
-            proto.ParseFromString(f.read())
-        graph = proto.meta_graphs[0].graph_def
+        graph = _graph(path)
         consts = [n for f in graph.library.function for n in f.node_def if n.op == "Const"] + [
             n for n in graph.node if n.op == "Const"]  # fmt: skip
         largest = max(len(n.attr["value"].tensor.tensor_content) for n in consts)
