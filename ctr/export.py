@@ -55,7 +55,7 @@ DEFAULT_PLATFORMS = ("cpu",)
 
 @dataclasses.dataclass
 class Restored:
-    """A run rebuilt from its config and one checkpoint, on one device.
+    """A run rebuilt from its config with one state (a checkpoint's: :func:`restore`), on one device.
 
     Attributes:
       step: the checkpoint's step.
