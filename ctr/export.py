@@ -164,9 +164,8 @@ def restore(run_dir: str, step: int | None = None) -> Restored:
     try:
         run = rebuild()
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), jax.eval_shape(run.init_state, jax.random.key(0))
-        )
+        shapes = jax.eval_shape(run.init_state, jax.random.key(0))
+        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), shapes)
         ckpt = checkpointing.Checkpointer(ckpt_dir, table_rows=checkpointing.logical_table_rows(run.collection))
         state, _ = ckpt.restore(step, abstract)
     finally:
@@ -304,7 +303,8 @@ def export(run_dir: str, export_dir: str, step: int | None = None, platforms: Se
         os.makedirs(asset_dir)
         root, signatures = build_module(restored, asset_dir, platforms)
         tf.saved_model.save(root, partial, signatures=signatures)
-        text = describe(partial, signatures, time.time() - start, serving.raw_layout(restored.schema)).replace(partial, path)
+        text = describe(partial, signatures, time.time() - start, serving.raw_layout(restored.schema))
+        text = text.replace(partial, path)
         if remote:
             pb = os.path.join(partial, "saved_model.pb")
             held = os.path.join(work, "saved_model.pb")

@@ -277,5 +277,6 @@ def vocabularies(data_dir: str = gin.REQUIRED, tfds_name: str | None = None,
         return out
     unknown = sorted(set(features) - set(out))
     if unknown:
-        raise errors.ConfigError(f"vocabularies.features: {unknown} have no vocabulary in {data_dir} (have {sorted(out)})")
+        raise errors.ConfigError(
+            f"vocabularies.features: {unknown} have no vocabulary in {data_dir} (have {sorted(out)})")
     return {key: out[key] for key in features}
