@@ -55,7 +55,7 @@ DEFAULT_PLATFORMS = ("cpu",)
 
 @dataclasses.dataclass
 class Restored:
-    """A run rebuilt from its config and one checkpoint, on one device.
+    """A run rebuilt from its config with one state (a checkpoint's: :func:`restore`), on one device.
 
     Attributes:
       step: the checkpoint's step.
@@ -96,6 +96,54 @@ def _xla_gather(collection: Any) -> Any:
     return dataclasses.replace(collection, lookup=lookup, placement=None)
 
 
+@dataclasses.dataclass
+class Rebuilt:
+    """The run of the parsed config rebuilt on one device, before any state (what :func:`restore` fills).
+
+    Attributes:
+      dataset: the training dataset (its schema, and its data directory for a vocabulary).
+      collection: the embedding collection as trained (with the training mesh's row axes, on one device).
+      module: the trainer's ``CTRModule`` of ``collection``.
+      sparse_optimizer: the tables' optimizer (its slots are part of a checkpoint; flushed before export).
+      init_state: ``rng -> TrainState``, the trainer's state layout (for a checkpoint's shapes).
+    """
+
+    dataset: Any
+    collection: Any
+    module: Any
+    sparse_optimizer: Any
+    init_state: Any
+
+
+def rebuild() -> Rebuilt:
+    """Rebuilds the run of the parsed config on the first local device (nothing is computed)."""
+    dataset = _train_argument("dataset_fn")()
+    schema = dataset.schema
+    device = jax.local_devices()[0]
+    mesh = jax.sharding.Mesh(np.array([device]).reshape(1, 1), mesh_lib.AXES,
+                             axis_types=(jax.sharding.AxisType.Auto,) * 2)  # fmt: skip
+    rules = mesh_lib.logical_rules()
+    collection = _train_argument("embedding_fn")(schema).with_mesh(mesh, rules["table_rows"])
+    network = model_zoo.get(_train_argument("model_name"))()
+    module = train_state_lib.CTRModule(collection=collection, network=network)
+    tx = optimizers.dense_optimizer()
+    sparse_optimizer = _train_argument("sparse_optimizer")
+    probe = next(dataset.eval_batches(dataset_lib.probe_split(dataset), 1))[0]
+    probe_ids = collection.host_ids(probe)
+    probe_dev = train_state_lib.device_batch(schema, probe)
+
+    def init_state(rng):
+        tables = collection.init(rng)
+        rows = collection.read_rows(tables, probe_ids)
+        params = module.init({"params": rng, "dropout": rng}, rows, probe_dev, train=False)["params"]
+        return train_state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                                  tables=tables, table_slots={n: sparse_optimizer.init(t) for n, t in tables.items()},
+                                  rng=rng)  # fmt: skip
+
+    return Rebuilt(dataset=dataset, collection=collection, module=module, sparse_optimizer=sparse_optimizer,
+                   init_state=init_state)  # fmt: skip
+
+
 def restore(run_dir: str, step: int | None = None) -> Restored:
     """Rebuilds the run of the parsed config (``config.gin`` of ``run_dir``) and restores ``step`` (default the
     newest checkpoint) onto the first local device.
@@ -114,47 +162,29 @@ def restore(run_dir: str, step: int | None = None) -> Restored:
         raise errors.UserError(f"--step={step}: no such checkpoint in {ckpt_dir} (have {steps})")
     ckpt = None
     try:
-        dataset = _train_argument("dataset_fn")()
-        schema = dataset.schema
-        device = jax.local_devices()[0]
-        mesh = jax.sharding.Mesh(np.array([device]).reshape(1, 1), mesh_lib.AXES,
-                                 axis_types=(jax.sharding.AxisType.Auto,) * 2)  # fmt: skip
-        rules = mesh_lib.logical_rules()
-        collection = _train_argument("embedding_fn")(schema).with_mesh(mesh, rules["table_rows"])
-        network = model_zoo.get(_train_argument("model_name"))()
-        module = train_state_lib.CTRModule(collection=collection, network=network)
-        tx = optimizers.dense_optimizer()
-        sparse_optimizer = _train_argument("sparse_optimizer")
-        probe = next(dataset.eval_batches(dataset_lib.probe_split(dataset), 1))[0]
-        probe_ids = collection.host_ids(probe)
-        probe_dev = train_state_lib.device_batch(schema, probe)
-
-        def init_state(rng):  # the trainer's state layout (shapes only: nothing is computed)
-            tables = collection.init(rng)
-            rows = collection.read_rows(tables, probe_ids)
-            params = module.init({"params": rng, "dropout": rng}, rows, probe_dev, train=False)["params"]
-            return train_state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                      tables=tables, table_slots={n: sparse_optimizer.init(t) for n, t in tables.items()},
-                                      rng=rng)  # fmt: skip
-
-        one = jax.sharding.SingleDeviceSharding(device)
-        abstract = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), jax.eval_shape(init_state, jax.random.key(0))
-        )
-        ckpt = checkpointing.Checkpointer(ckpt_dir, table_rows=checkpointing.logical_table_rows(collection))
+        run = rebuild()
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shapes = jax.eval_shape(run.init_state, jax.random.key(0))
+        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), shapes)
+        ckpt = checkpointing.Checkpointer(ckpt_dir, table_rows=checkpointing.logical_table_rows(run.collection))
         state, _ = ckpt.restore(step, abstract)
     finally:
         if ckpt is not None:
             ckpt.close()
-    tables, _ = collection.flush(state.tables, state.table_slots, sparse_optimizer, state.step)
+    return from_state(run, state, int(step))
+
+
+def from_state(run: Rebuilt, state: Any, step: int) -> Restored:
+    """``state`` (a ``TrainState`` of ``run``'s layout) as exported at ``step``: tables flushed, numpy."""
+    tables, _ = run.collection.flush(state.tables, state.table_slots, run.sparse_optimizer, state.step)
     vocab = None
-    data_dir = getattr(dataset, "data_dir", None)
+    data_dir = getattr(run.dataset, "data_dir", None)
     if data_dir and paths.is_dir(paths.join(data_dir, "vocab")):
         vocab = vocab_lib.Vocabulary.load(data_dir)
-    serving_collection = _xla_gather(collection)
+    serving_collection = _xla_gather(run.collection)
     return Restored(
-        step=int(step), schema=schema, collection=collection, serving_collection=serving_collection,
-        module=train_state_lib.CTRModule(collection=serving_collection, network=network),
+        step=step, schema=run.dataset.schema, collection=run.collection, serving_collection=serving_collection,
+        module=train_state_lib.CTRModule(collection=serving_collection, network=run.module.network),
         params=jax.tree.map(np.asarray, state.params), tables={k: np.asarray(v) for k, v in tables.items()},
         vocab=vocab,
     )  # fmt: skip
@@ -173,9 +203,13 @@ def serving_outputs(module: Any, params: Any, tables: Any, dev: dict, ids: dict)
     return result
 
 
-def build_module(restored: Restored, asset_dir: str, platforms: Sequence[str] = DEFAULT_PLATFORMS) -> Any:
-    """The ``tf.Module`` to save: variables, vocabulary tables (their files written to ``asset_dir``, which must
-    live until the module is saved), and the three signature functions."""
+def build_module(restored: Restored, asset_dir: str,
+                 platforms: Sequence[str] = DEFAULT_PLATFORMS) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+    """The ``tf.Module`` to save (variables, and vocabulary tables whose files are written to ``asset_dir``, which
+    must live until the module is saved) and its signatures, traced once: signature name -> concrete function.
+
+    The functions are not attributes of the module: ``tf.saved_model.save`` would trace them again (lowering
+    the model again), and TF Serving reads only the signatures."""
     tf = tf_import.tensorflow()
     from jax.experimental import jax2tf
 
@@ -214,37 +248,34 @@ def build_module(restored: Restored, asset_dir: str, platforms: Sequence[str] = 
         dev = {k: batch[k] for k in device_keys(schema)}
         return dev, ids
 
+    signature = layout.input_signature()
+    preprocess_fn = tf.function(preprocess, input_signature=[signature], jit_compile=False, autograph=False)
+
     def score(features):
-        dev, ids = preprocess(features)
+        dev, ids = preprocess_fn(features)
         return converted(root.params, root.tables, dev, ids)
 
-    signature = layout.input_signature()
-    root.serving_default = tf.function(score, input_signature=[signature], jit_compile=False, autograph=False)
+    serving_fn = tf.function(score, input_signature=[signature], jit_compile=False, autograph=False)
+    signatures = {"serving_default": serving_fn.get_concrete_function()}
 
-    def row_ids(features):
-        dev, ids = preprocess(features)
+    def row_ids(features):  # the same preprocessing function as serving_default (traced once)
+        dev, ids = preprocess_fn(features)
         return {**dev, **{f"ids/{k}": v for k, v in ids.items()}}
 
-    root.row_ids = tf.function(row_ids, input_signature=[signature], jit_compile=False, autograph=False)
-    if layout.line_fields:
+    signatures["row_ids"] = tf.function(row_ids, input_signature=[signature], jit_compile=False,
+                                        autograph=False).get_concrete_function()  # fmt: skip
+    if layout.line_fields:  # calls serving_default's function: the model is lowered once
         lines_spec = tf.TensorSpec(None, tf.string, name="lines")  # checked in the graph (see serving)
-        root.parse_lines = tf.function(
-            lambda lines: score(serving.split_lines_tf(layout, lines)), input_signature=[lines_spec], jit_compile=False,
-            autograph=False,
-        )
-    return root
+        signatures["parse_lines"] = tf.function(
+            lambda lines: serving_fn(serving.split_lines_tf(layout, lines)), input_signature=[lines_spec],
+            jit_compile=False, autograph=False,
+        ).get_concrete_function()
+    return root, signatures
 
 
 def device_keys(schema: schema_lib.FeatureSchema) -> list[str]:
     """The keys of ``train_state_lib.device_batch`` the forward pass reads (not the label)."""
     return ([schema_lib.DENSE] if schema.dense else []) + [seq.mask_key for seq in schema.sequences]
-
-
-def signatures_of(root: Any) -> dict[str, Any]:
-    out = {"serving_default": root.serving_default.get_concrete_function(), "row_ids": root.row_ids.get_concrete_function()}
-    if hasattr(root, "parse_lines"):
-        out["parse_lines"] = root.parse_lines.get_concrete_function()
-    return out
 
 
 def export(run_dir: str, export_dir: str, step: int | None = None, platforms: Sequence[str] = DEFAULT_PLATFORMS,
@@ -270,9 +301,10 @@ def export(run_dir: str, export_dir: str, step: int | None = None, platforms: Se
             os.makedirs(export_dir, exist_ok=True)
         asset_dir = os.path.join(work, "assets")
         os.makedirs(asset_dir)
-        root = build_module(restored, asset_dir, platforms)
-        tf.saved_model.save(root, partial, signatures=signatures_of(root))
-        text = describe(partial, root, time.time() - start, serving.raw_layout(restored.schema)).replace(partial, path)
+        root, signatures = build_module(restored, asset_dir, platforms)
+        tf.saved_model.save(root, partial, signatures=signatures)
+        text = describe(partial, signatures, time.time() - start, serving.raw_layout(restored.schema))
+        text = text.replace(partial, path)
         if remote:
             pb = os.path.join(partial, "saved_model.pb")
             held = os.path.join(work, "saved_model.pb")
@@ -288,14 +320,14 @@ def export(run_dir: str, export_dir: str, step: int | None = None, platforms: Se
     return path
 
 
-def describe(path: str, root: Any, seconds: float, layout: serving.RawLayout) -> str:
+def describe(path: str, signatures: dict[str, Any], seconds: float, layout: serving.RawLayout) -> str:
     """What was written and the signatures, for the command's output (input shapes as checked in the graph:
     the specs themselves leave them open, see :meth:`ctr.serving.RawLayout.input_signature`)."""
     sizes = {name: os.path.getsize(os.path.join(d, name)) for d, _, names in os.walk(path) for name in names}
     pb = os.path.getsize(os.path.join(path, "saved_model.pb"))
     lines = [f"Exported {path} in {seconds:.1f}s: saved_model.pb {pb / 1e6:.2f} MB, "
              f"{sum(sizes.values()) / 1e6:.2f} MB in all (variables/ holds the tables)"]  # fmt: skip
-    for name, fn in signatures_of(root).items():
+    for name, fn in signatures.items():
         args, kwargs = fn.structured_input_signature
         inputs = dict(kwargs)
         for arg in args:

@@ -248,13 +248,19 @@ def prepared(
 
 
 @gin.configurable
-def vocabularies(data_dir: str = gin.REQUIRED, tfds_name: str | None = None) -> dict[str, np.ndarray]:
+def vocabularies(data_dir: str = gin.REQUIRED, tfds_name: str | None = None,
+                 features: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """The kept values (sorted int64 fingerprints) of every embedded feature of a prepared dataset, for
     ``PerFeature.vocabularies = @vocabularies()``: one row per kept value plus an OOV row, no collisions.
-    Keys are the features that own an embedding (categorical features and sequences with their own ids).
+    Keys are the features that own an embedding (categorical features and sequences with their own ids), or
+    only ``features`` (those the family serves, when families are mixed per feature).
 
     With ``tfds_name`` (``ctr_<dataset>/<config>``, as ``tfds_dataset.name``) ``data_dir`` is the TFDS data
-    directory of a ``--format=tfds`` build, which keeps the same values next to its shards."""
+    directory of a ``--format=tfds`` build, which keeps the same values next to its shards.
+
+    Raises:
+      errors.ConfigError: ``features`` names a feature without a vocabulary.
+    """
     if tfds_name is not None:
         from ctr.data import tfds_input  # TFDS only where asked for
 
@@ -265,5 +271,12 @@ def vocabularies(data_dir: str = gin.REQUIRED, tfds_name: str | None = None) -> 
             raise ValueError(f"{data_dir} was prepared without a vocabulary (set the dataset's Processing.min_count)")
         kept = vocab_lib.Vocabulary.load(data_dir).kept
         schema = schema_from_json(metadata["schema"])
-    return {key: kept[name] for key, name in vocab_lib.vocab_features(schema).items()
-            if not any(s.name == key and s.item_feature for s in schema.sequences)}
+    out = {key: kept[name] for key, name in vocab_lib.vocab_features(schema).items()
+           if not any(s.name == key and s.item_feature for s in schema.sequences)}  # fmt: skip
+    if features is None:
+        return out
+    unknown = sorted(set(features) - set(out))
+    if unknown:
+        raise errors.ConfigError(
+            f"vocabularies.features: {unknown} have no vocabulary in {data_dir} (have {sorted(out)})")
+    return {key: out[key] for key in features}

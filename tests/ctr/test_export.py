@@ -1,22 +1,30 @@
 """SavedModel export against ctr's own evaluation: raw rows in the real layouts, served in a process without JAX.
 
-Each case trains a tiny run for a few steps (8 CPU devices, conftest.py), exports it, and builds ~1,000 raw rows
-of its dataset from the synthetic generators (half from the training file, half from another seed: missing and
-never-seen values included). The reference is the training pipeline: the dataset's numpy parser (and for
-TaobaoAds its join), the prepared vocabulary, ``collection.host_ids`` and the trainer's ``CTRModule`` on the
-restored state. The SavedModel's side runs in one child process that cannot import JAX
-(``serve_saved_model.py``). Cases cover every model and every embedding family:
+Each trained case trains a tiny run for a few steps (8 CPU devices, conftest.py), exports it, and builds ~1,000
+raw rows of its dataset from the synthetic generators (half from the training file, half from another seed:
+missing and never-seen values included). The reference is the training pipeline: the dataset's numpy parser
+(and for TaobaoAds its join), the prepared vocabulary, ``collection.host_ids`` and the trainer's ``CTRModule`` on
+the restored state. The SavedModels' side runs in one child process that cannot import JAX
+(``serve_saved_model.py``). Trained cases (restore from a checkpoint, each pure family):
 
 - criteo / DCNv2 / per-feature vocabulary tables (data prepared with ``min_count``, integer buckets);
 - avazu / DLRM / hashed tables, row-sharded over all 8 devices while training;
-- criteo / DHEN / mixed (Unified Embedding + DHE per feature);
-- taobao / CETNet: an InterFormer tower (behaviour sequences) on Unified Embedding, a DHEN tower on DHE, fused.
+- taobao / CETNet: a DCNv2 tower on Unified Embedding, a DHEN tower on DHE (each its own collection), fused.
 
 The first case exports through the command (``python -m ctr.export``), the second through the end-of-training
-hook (``export_at_end.enabled``), the others through :func:`ctr.export.export`.
+hook (``export_at_end.enabled``), the third through :func:`ctr.export.export`.
+
+The model matrix (``MATRIX``): every model (DCNv2, DLRM, DHEN, InterFormer standalone, CETNet with each tower on
+its own collection) on TaobaoAds prepared with a vocabulary, each on one collection that mixes all four families
+per feature (vocabulary tables, hashed tables, Unified Embedding, DHE; sequences on a vocabulary table, on
+Unified Embedding's chunks and on DHE). These are not trained (a training step's compile would cost more than
+all the rest): the state is the run's own layout with every parameter and table entry drawn at random, biases
+and norms included, so that every row and weight moves the logits (checked: the logits spread). What they check
+is the conversion and the preprocessing; restoring a trained checkpoint is the trained cases' part.
 """
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -25,6 +33,7 @@ import jax
 import numpy as np
 import pytest
 
+from ctr import errors
 from ctr import export as export_lib
 from ctr import prepare as prepare_lib
 from ctr import serving
@@ -59,26 +68,59 @@ CASES = {
         "train.embedding_fn = @build_collection", 'build_collection.families = {"hashed": @PerFeature()}',
         "build_collection.default_dim = 8", "PerFeature.num_buckets = 300",
         'logical_rules.table_rows = ("data", "model")', "export_at_end.enabled = True"]),
-    "criteo-dhen-mixed": dict(dataset="criteo", bindings=[
-        "synthetic_criteo.int_buckets = True",
-        "train.model_name = 'dhen'", "DHENModel.dim = 8", "DHENModel.head = (16,)",
-        "train.embedding_fn = @build_collection",
-        'build_collection.families = {"unified": @Unified(), "dhe": @DeepHashEmbedding()}',
-        'build_collection.default_family = "unified"', 'build_collection.family_of = {"C3": "dhe", "C12": "dhe"}',
-        "build_collection.default_dim = 8", "Unified.budget_rows = 4096", "Unified.num_tables = 2",
-        "Unified.dim_per_chunk = 4", *TINY_DHE]),
     "taobao-cetnet-towers": dict(dataset="taobao", bindings=[
         "train.dataset_fn = @synthetic_taobao", "synthetic_taobao.num_users = 300",
         f"synthetic_taobao.max_len = {TAOBAO_LEN}", "train.batch_size = 128",
-        "train.model_name = 'cetnet'", "interformer/InterFormer.dim = 8", "interformer/InterFormer.num_layers = 1",
-        "interformer/InterFormer.head = (16,)", "dhen/DHENModel.dim = 8", "dhen/DHENModel.head = (16,)",
+        # DCNv2 and DHEN towers: with an InterFormer tower, training this case took a third of this file's time
+        # (InterFormer, standalone and as a tower, is in the matrix).
+        "train.model_name = 'cetnet'", 'CETNet.towers = (("dcnv2", "dcnv2"), ("dhen", "dhen"))',
+        "dcnv2/DCNv2.mlp = (16,)", "dhen/DHENModel.dim = 8", "dhen/DHENModel.head = (16,)",
         "train.embedding_fn = @tower_collections",
-        'tower_collections.towers = {"interformer": @interformer/build_collection, "dhen": @dhen/build_collection}',
-        'interformer/build_collection.families = {"unified": @Unified()}',
-        "interformer/build_collection.default_dim = 8", 'dhen/build_collection.families = {"dhe": @DeepHashEmbedding()}',
+        'tower_collections.towers = {"dcnv2": @dcnv2/build_collection, "dhen": @dhen/build_collection}',
+        'dcnv2/build_collection.families = {"unified": @Unified()}',
+        "dcnv2/build_collection.default_dim = 8", 'dhen/build_collection.families = {"dhe": @DeepHashEmbedding()}',
         "dhen/build_collection.default_dim = 8",
         "Unified.budget_rows = 4096", "Unified.num_tables = 2", "Unified.dim_per_chunk = 4", *TINY_DHE]),
 }
+
+MATRIX_SIZES = ["hashed/PerFeature.num_buckets = 300", "Unified.budget_rows = 2048", "Unified.num_tables = 2",
+                "Unified.dim_per_chunk = 4", *TINY_DHE]  # fmt: skip
+# Every family in one collection: sequences share cate_id's vocabulary table and brand's Unified chunks; btag_his
+# is hashed by DHE.
+MIXED = [
+    "train.embedding_fn = @build_collection", "build_collection.default_dim = 8",
+    'build_collection.families = {"vocab": @vocab/PerFeature(), "hashed": @hashed/PerFeature(), '
+    '"unified": @Unified(), "dhe": @DeepHashEmbedding()}',
+    'build_collection.default_family = "hashed"',
+    'build_collection.family_of = {"cate_id": "vocab", "pid": "vocab", "cms_segid": "vocab", "brand": "unified", '
+    '"customer": "unified", "adgroup_id": "dhe", "btag_his": "dhe"}',
+    "vocab/PerFeature.vocabularies = @vocabularies()", 'vocabularies.features = ("cate_id", "pid", "cms_segid")',
+    *MATRIX_SIZES,
+]
+TINY_INTERFORMER = ["InterFormer.dim = 8", "InterFormer.num_layers = 1", "InterFormer.head = (16,)"]
+TINY_DHEN = ["DHENModel.dim = 8", "DHENModel.head = (16,)"]
+MATRIX = {
+    "dcnv2": MIXED + ["train.model_name = 'dcnv2'", "DCNv2.mlp = (16,)"],
+    "dlrm": MIXED + ["train.model_name = 'dlrm'", "DLRM.dim = 8", "DLRM.bottom_mlp = (16,)", "DLRM.top_mlp = (16,)"],
+    "dhen": MIXED + ["train.model_name = 'dhen'", *TINY_DHEN],
+    "interformer": MIXED + ["train.model_name = 'interformer'", *TINY_INTERFORMER],
+    # Each tower its own collection, both mixed, families assigned differently (the towers' tables and DHE
+    # networks are their own).
+    "cetnet": MIXED + [
+        "train.model_name = 'cetnet'", *TINY_INTERFORMER, *TINY_DHEN,
+        "train.embedding_fn = @tower_collections",
+        'tower_collections.towers = {"interformer": @interformer/build_collection, "dhen": @dhen/build_collection}',
+        'dhen/build_collection.families = {"vocab": @dhen_vocab/PerFeature(), "hashed": @hashed/PerFeature(), '
+        '"unified": @Unified(), "dhe": @DeepHashEmbedding()}',
+        'dhen/build_collection.default_family = "unified"',
+        'dhen/build_collection.family_of = {"userid": "dhe", "cate_id": "vocab", "brand": "hashed", '
+        '"btag_his": "vocab"}',
+        "dhen_vocab/PerFeature.vocabularies = @dhen_vocab/vocabularies()",
+        'dhen_vocab/vocabularies.features = ("cate_id", "btag_his")'],
+}
+# Serialized for more platforms than this machine has: lowering for CUDA and TPU needs no such device.
+MATRIX_PLATFORMS = {"cetnet": ("cpu", "cuda", "tpu")}
+ALL = [*CASES, *(f"matrix-{model}" for model in MATRIX)]
 
 
 # -- raw rows of each dataset, as serving inputs and as the training pipeline's host batch --------------------
@@ -184,6 +226,43 @@ def _reference(restored, batch):
     return {"ids": ids, "dev": dev, "logits": logits, "outputs": jax.tree.map(np.asarray, out)}
 
 
+def _prepare_taobao(root):
+    """TaobaoAds raw files prepared with a vocabulary (the matrix's data); returns the prepared directory."""
+    raw_dir, out_dir = str(root / "raw"), str(root / "prepared")
+    synthetic.taobao.write_synthetic(raw_dir, num_users=300, seed=0)
+    gin.clear_config()
+    gin.parse_config([f"taobao.Processing.max_len = {TAOBAO_LEN}", "taobao.Processing.min_count = 2"])
+    prepare_lib.prepare("taobao", raw_dir, out_dir, splits.SplitSpec(), emit=lambda *_: None)
+    gin.clear_config()
+    return out_dir
+
+
+def _random_restored(seed):
+    """The run of the parsed config in its own state layout (``export.rebuild``), every parameter and table
+    entry drawn at random: kernels ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.2^2), biases and the rest
+    ~ N(0, 0.2^2), tables ~ U(-0.5, 0.5) (ten times the init range, so that rows move the logits)."""
+    run = export_lib.rebuild()
+    abstract = jax.eval_shape(run.init_state, jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "kernel":
+            value = rng.normal(0, 1 / np.sqrt(np.prod(leaf.shape[:-1])), leaf.shape)
+        elif name == "scale":
+            value = 1 + 0.2 * rng.normal(size=leaf.shape)
+        else:
+            value = 0.2 * rng.normal(size=leaf.shape)
+        return value.astype(leaf.dtype)
+
+    state = abstract.replace(
+        step=np.int32(0), params=jax.tree_util.tree_map_with_path(draw, abstract.params),
+        tables={k: rng.uniform(-0.5, 0.5, t.shape).astype(t.dtype) for k, t in abstract.tables.items()},
+        table_slots=jax.tree.map(lambda t: np.zeros(t.shape, t.dtype), abstract.table_slots),
+    )  # fmt: skip
+    return export_lib.from_state(run, state, 0)
+
+
 def _take(columns, rows):
     return {k: v[rows] for k, v in columns.items()}
 
@@ -220,6 +299,24 @@ def served(tmp_path_factory):
         gin.clear_config()
         cases[name] = dict(run_dir=run_dir, path=path, restored=restored, results=results, columns=columns,
                            batch=batch, n=n, q=q, ref=ref)  # fmt: skip
+    # The matrix: the trained TaobaoAds case's raw rows, on data prepared with a vocabulary.
+    root = tmp_path_factory.mktemp("matrix")
+    prepared_dir = _prepare_taobao(root)
+    taobao_case = cases["taobao-cetnet-towers"]
+    columns, batch = taobao_case["columns"], taobao_case["batch"]
+    for seed, (model, bindings) in enumerate(MATRIX.items()):
+        gin.clear_config()
+        data = [f'prepared.data_dir = "{prepared_dir}"', f'vocabularies.data_dir = "{prepared_dir}"',
+                "train.dataset_fn = @prepared"]  # fmt: skip
+        train_cli.parse_config([TINY], data + bindings)
+        restored = _random_restored(seed)
+        path = export_lib.export("", str(root / model), restored=restored, verbose=False,
+                                 platforms=MATRIX_PLATFORMS.get(model, export_lib.DEFAULT_PLATFORMS))  # fmt: skip
+        q = {"full": ask(path, "serving_default", columns), "ids": ask(path, "row_ids", columns)}
+        ref = _reference(restored, batch)
+        gin.clear_config()
+        cases[f"matrix-{model}"] = dict(path=path, restored=restored, results={"steps": 0}, columns=columns,
+                                        batch=batch, n=taobao_case["n"], q=q, ref=ref)  # fmt: skip
     bad = _bad_requests(cases)
     for label, (case_name, signature, inputs) in bad.items():
         cases[case_name]["q"][label] = ask(cases[case_name]["path"], signature, inputs)
@@ -250,6 +347,10 @@ def _bad_requests(cases):
     bad["bad_lines"] = ("criteo-dcnv2-vocab", "parse_lines", {"lines": np.array(["1\t2\t3", "0" + "\t" * 39], object)})
     long = dict(taobao_cols, history_length=np.array([1, TAOBAO_LEN + 1, 0, 2], np.int64))
     bad["bad_history"] = ("taobao-cetnet-towers", "serving_default", long)
+    bad["bad_history_dtype"] = ("taobao-cetnet-towers", "serving_default",
+                                dict(taobao_cols, history_length=taobao_cols["history_length"].astype(np.int32)))
+    bad["bad_history_rank"] = ("taobao-cetnet-towers", "serving_default",
+                               dict(taobao_cols, history_length=taobao_cols["history_length"][:, None]))
     bad["bad_seq_len"] = ("taobao-cetnet-towers", "serving_default", dict(taobao_cols, cate_his=taobao_cols["cate_his"][:, 1:]))
     return bad
 
@@ -257,7 +358,7 @@ def _bad_requests(cases):
 # -- tests ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", ALL)
 def test_served_probabilities_equal_the_eval_step(served, name):
     case = served[name]
     answer, ref = case["a"]["full"], case["ref"]
@@ -266,7 +367,11 @@ def test_served_probabilities_equal_the_eval_step(served, name):
     assert answer["probability"].shape == (case["n"],) and answer["probability"].dtype == np.float32
     assert np.max(np.abs(answer["probability"] - p_ref)) <= 1e-5
     np.testing.assert_allclose(answer["logit"], ref["logits"], atol=1e-4)
+    if name.startswith("matrix-"):  # random weights: the rows and weights move the logits (the check is not void)
+        assert np.std(ref["logits"]) > 0.1, np.std(ref["logits"])
     for label, rows in (("one", slice(0, 1)), ("seven", slice(3, 10))):
+        if label not in case["a"]:  # batches 1 and 7: the trained cases
+            continue
         assert np.max(np.abs(case["a"][label]["probability"] - p_ref[rows])) <= 1e-5
     if "tower_logits" in ref["outputs"]:  # CETNet: every tower and the fusion weights
         for tower, logits in ref["outputs"]["tower_logits"].items():
@@ -274,7 +379,7 @@ def test_served_probabilities_equal_the_eval_step(served, name):
         np.testing.assert_allclose(answer["fusion_weights"], ref["outputs"]["weights"], atol=1e-5)
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", ALL)
 def test_row_ids_equal_the_training_pipeline_bit_for_bit(served, name):
     case = served[name]
     got, ref = case["a"]["ids"], case["ref"]
@@ -319,27 +424,61 @@ def test_bad_input_fails_with_invalid_argument_naming_the_column(served):
         answer = a[label]
         assert isinstance(answer, tuple) and answer[1] == kind and text in answer[2], (label, answer[:2], answer[2][:500])
     a = served["taobao-cetnet-towers"]["a"]
-    for label, text in (("bad_history", "input history_length"), ("bad_seq_len", "input cate_his")):
+    for label, text in (("bad_history", "input history_length"), ("bad_seq_len", "input cate_his"),
+                        ("bad_history_rank", "input history_length: expected shape [batch]")):  # fmt: skip
         assert a[label][1] == "InvalidArgumentError" and text in a[label][2], (label, a[label])
 
 
+def test_wrong_dtype_fails_with_invalid_argument_giving_the_input_position(served):
+    """A wrong dtype is refused by TensorFlow's signature dispatch before any op of the graph runs, so no check
+    of ours can name the input; its message gives the input's position among the signature's inputs in name
+    order (TensorFlow flattens them by sorted name), which identifies it."""
+    for case, label, column in (("criteo-dcnv2-vocab", "bad_dtype", "I3"),
+                                ("taobao-cetnet-towers", "bad_history_dtype", "history_length")):  # fmt: skip
+        answer = served[case]["a"][label]
+        assert isinstance(answer, tuple) and answer[1] == "InvalidArgumentError", (label, answer)
+        found = re.search(r"input #(\d+)\(zero-based\) was expected to be a \w+ tensor but is a \w+ tensor", answer[2])
+        assert found, answer[2]
+        assert sorted(served[case]["columns"])[int(found.group(1))] == column
+
+
 def test_export_command_reports_a_run_without_checkpoints(tmp_path):
+    """The command reports a UserError in one line, exit 2 (one subprocess: both errors take that path)."""
+    with pytest.raises(errors.UserError, match="no config.gin"):
+        export_lib.parse_run_config(str(tmp_path / "nope"))
     (tmp_path / "config.gin").write_text("")
-    for args, text in (([f"--run_dir={tmp_path / 'nope'}"], "no config.gin"), ([f"--run_dir={tmp_path}"], "no checkpoint")):
-        done = subprocess.run([sys.executable, "-m", "ctr.export", *args, f"--export_dir={tmp_path / 'out'}"],
-                              capture_output=True, text=True, cwd=REPO)  # fmt: skip
-        assert done.returncode == 2 and text in done.stderr and "ctr.export: error:" in done.stderr, done.stderr[-800:]
+    args = [f"--run_dir={tmp_path}", f"--export_dir={tmp_path / 'out'}"]
+    done = subprocess.run([sys.executable, "-m", "ctr.export", *args], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 2 and "no checkpoint" in done.stderr, done.stderr[-800:]
+    assert "ctr.export: error:" in done.stderr, done.stderr[-800:]
+
+
+def _graph(path):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    return proto.meta_graphs[0].graph_def
+
+
+def test_the_model_is_serialized_for_the_platforms_asked_for(served):
+    """The matrix's CETNet (InterFormer and DHEN towers, every family) was exported for CPU, CUDA and TPU on this
+    CPU-only machine; its CPU lowering is what served it above. One XlaCallModule per export (parse_lines calls
+    serving_default's function)."""
+    for name, case in served.items():
+        graph = _graph(case["path"])
+        calls = [n for f in graph.library.function for n in f.node_def if n.op == "XlaCallModule"]
+        want = MATRIX_PLATFORMS.get(name[len("matrix-"):], ()) if name.startswith("matrix-") else ()
+        assert len(calls) == 1, (name, len(calls))
+        got = [p.decode() for p in calls[0].attr["platforms"].list.s]
+        assert got == [p.upper() for p in want or export_lib.DEFAULT_PLATFORMS], (name, got)
 
 
 def test_tables_are_variables_and_saved_model_pb_stays_small(served):
-    from tensorflow.core.protobuf import saved_model_pb2
-
     for name, case in served.items():
         path = case["path"]
-        proto = saved_model_pb2.SavedModel()
-        with open(os.path.join(path, "saved_model.pb"), "rb") as f:
-            proto.ParseFromString(f.read())
-        graph = proto.meta_graphs[0].graph_def
+        graph = _graph(path)
         consts = [n for f in graph.library.function for n in f.node_def if n.op == "Const"] + [
             n for n in graph.node if n.op == "Const"]  # fmt: skip
         largest = max(len(n.attr["value"].tensor.tensor_content) for n in consts)

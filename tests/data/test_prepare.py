@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from ctr import prepare
+from ctr import errors, prepare
 from ctr.data import criteo, dataset, prepared, raw, row_accounting, splits, synthetic, taobao, vocab
 from ctr.data import rows as rows_lib
 
@@ -129,6 +129,11 @@ def test_vocabulary_maps_rare_values_to_oov(tmp_path, criteo_raw):
         assert (counts[values != oov] >= 5).all()  # every kept value is frequent in train
         np.testing.assert_array_equal(kept[name], np.sort(values[values != oov]))
     assert 1 < len(kept["C3"]) < 3000
+    some = prepared.vocabularies(str(tmp_path), features=("C3", "I1_bucket"))  # a family serving only these
+    assert list(some) == ["C3", "I1_bucket"]
+    np.testing.assert_array_equal(some["C3"], kept["C3"])
+    with pytest.raises(errors.ConfigError, match=r"vocabularies.features: \['C99'\] have no vocabulary"):
+        prepared.vocabularies(str(tmp_path), features=("C3", "C99"))
 
 
 def test_time_split_holds_out_the_last_day(tmp_path):
