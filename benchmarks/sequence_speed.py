@@ -43,7 +43,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-from benchmarks import peers  # noqa: E402  (its matmul peak, measured the same way)
+from benchmarks import peers, step_breakdown  # noqa: E402  (the matmul peak, measured the same way; best_ms)
 
 CONFIGS = flags.DEFINE_list("configs", ["taobao_interformer", "taobao_cetnet"], "configs/<config>.gin to time.")
 BATCH = flags.DEFINE_integer("batch_size", 4096, "Global batch size.")
@@ -206,14 +206,8 @@ def attention_layouts(batch: int, length: int = 54, heads: int = 2, head_dim: in
     flops = 2 * batch * heads * length * length * head_dim
     print(f"attention logits alone, batch {batch}, L {length}, {heads} heads of {head_dim}:")
     for name, f, args in variants:
-        f = jax.jit(f)
-        jax.block_until_ready(f(*args))
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            times.append(time.perf_counter() - t)
-        print(f"  {min(times) * 1e3:7.1f} ms {flops / min(times) / 1e9:5.1f} GFLOP/s  {name}")
+        ms = step_breakdown.best_ms(jax.jit(f), *args)
+        print(f"  {ms:7.1f} ms {flops / ms / 1e6:5.1f} GFLOP/s  {name}")
 
 
 def _category(op_name: str) -> tuple[str, str]:
