@@ -1,26 +1,36 @@
 r"""ctr against Keras + tensorflow-recommenders on the same rows: test AUC, logloss, examples/s, peak RSS.
 
-The same DCNv2 on both sides: one embedding table per feature, indexed by the prepared vocabulary (values seen
->= 10 times in train; one OOV row), 16 wide; 13 dense ``log(1+x)`` inputs (Criteo); 3 full-rank cross layers
-parallel with an MLP 400-400; one epoch at batch 4096.
+The same model on both sides (``--model``), with one embedding table per feature, indexed by the prepared
+vocabulary (values seen >= 10 times in train; one OOV row), 16 wide; one epoch at batch 4096:
+
+- ``dcnv2``: the 16-wide embeddings and the 13 dense ``log(1+x)`` inputs (Criteo) concatenated, 3 full-rank
+  cross layers parallel with an MLP 400-400, one logit over both.
+- ``dlrm``: the shape of the DLRM reference's Criteo Kaggle runs (``--arch-mlp-bot=13-512-256-64-16
+  --arch-mlp-top=512-256-1``): the dense inputs through a ReLU bottom MLP 512-256-64-16, the dot products of
+  all distinct pairs of [bottom output, embeddings] (``tfrs.layers.feature_interaction.DotInteraction``)
+  next to the bottom output, a ReLU top MLP 512-256 and the logit. Avazu has no dense features: the top MLP
+  sees the embeddings' pairwise dots alone. ``DotInteraction`` selects the triangle by ``tf.boolean_mask``,
+  which XLA cannot compile (its output shape is not static), so with ``jit_compile`` the Keras side takes the
+  same triangle, in the same order, by a ``tf.gather`` of fixed positions: the same function.
 
 - Data: ctr's synthetic generator in the raw layout (Criteo: 1.5M rows split at random 1.2M / 100k / 200k;
   Avazu: 11 days, day 10 valid, day 11 test), prepared once by ``ctr.prepare``; both sides read the same
   prepared rows and the same vocabulary.
-- ctr: ``configs/<dataset>_dcnv2.gin`` as shipped (its optimizers and learning rates), with only the model
+- ctr: ``configs/<dataset>_<model>.gin`` as shipped (its optimizers and learning rates), with only the model
   shape bound to the peer's, through ``ctr.train`` in its own process. examples/s is the steady rate it logs
   after the first window (which holds the compilation).
-- Keras + TFRS: ``tfrs.layers.dcn.Cross``, ``tf.keras.layers.Embedding`` tables, Adam 1e-3 on everything
-  (TFRS's documented DCN setting), in its own process. Its input is the best we found for it: the rows already
-  as int32 vocabulary positions in memory, shuffled and cut into whole batches up front, fed as one batch per
-  ``tf.data`` element (no per-example work at all). The first seed runs with and without ``jit_compile``
-  (XLA), the other seeds in the faster of the two; the ratio is against the faster. examples/s is timed over
-  the epoch after a 20-step warm-up.
+- Keras + TFRS: ``tfrs.layers.dcn.Cross`` or ``DotInteraction``, ``tf.keras.layers.Embedding`` tables, Adam
+  1e-3 on everything (TFRS's documented DCN and DLRM setting), in its own process. Its input is the best we
+  found for it: the rows already as int32 vocabulary positions in memory, shuffled and cut into whole batches
+  up front, fed as one batch per ``tf.data`` element (no per-example work at all). The first seed runs with
+  and without ``jit_compile`` (XLA), the other seeds in the faster of the two; the ratio is against the
+  faster. examples/s is timed over the epoch after a 20-step warm-up.
 - Both sides' test AUC and logloss come from ``ctr.metrics`` over their logits (exact AUC); >= 3 seeds, mean
   and spread (half the max-min range). Peak RSS is each process's ``ru_maxrss``.
 
     PYTHONPATH=. python benchmarks/peers.py --dataset=criteo --seeds=0,1,2
     PYTHONPATH=. python benchmarks/peers.py --dataset=avazu --seeds=0,1,2
+    PYTHONPATH=. python benchmarks/peers.py --dataset=criteo --model=dlrm --seeds=0,1,2
 """
 from __future__ import annotations
 
@@ -40,6 +50,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 
 DATASET = flags.DEFINE_enum("dataset", "criteo", ["criteo", "avazu"], "Raw layout of the synthetic data.")
+MODEL = flags.DEFINE_enum("model", "dcnv2", ["dcnv2", "dlrm"], "The model both sides train (see above).")
 SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (the data is the same for all).")
 SYSTEMS = flags.DEFINE_list("systems", ["ctr", "keras"], "Which sides to run.")
 ROWS = flags.DEFINE_integer("rows", None, "Raw rows to generate (default: Criteo 1.5M, Avazu 2.2M).")
@@ -56,24 +67,44 @@ BATCH = 4096
 EMBED_DIM = 16
 MLP = (400, 400)
 CROSS_LAYERS = 3
-SHAPE_BINDINGS = [
-    "DCNv2.structure = 'parallel'",
-    f"DCNv2.num_cross_layers = {CROSS_LAYERS}",
-    "DCNv2.cross_rank = None",
-    f"DCNv2.mlp = {MLP}",
-    "DCNv2.dropout = 0.0",
-    f"build_collection.default_dim = {EMBED_DIM}",
-]
+BOTTOM_MLP = (512, 256, 64)  # DLRM: and a last layer of width EMBED_DIM
+TOP_MLP = (512, 256)  # DLRM: and the logit
+SHAPE_BINDINGS = {
+    "dcnv2": [
+        "DCNv2.structure = 'parallel'",
+        f"DCNv2.num_cross_layers = {CROSS_LAYERS}",
+        "DCNv2.cross_rank = None",
+        f"DCNv2.mlp = {MLP}",
+        "DCNv2.dropout = 0.0",
+        f"build_collection.default_dim = {EMBED_DIM}",
+    ],
+    "dlrm": [
+        f"DLRM.dim = {EMBED_DIM}",
+        f"DLRM.bottom_mlp = {BOTTOM_MLP}",
+        f"DLRM.top_mlp = {TOP_MLP}",
+        "DLRM.dropout = 0.0",
+        f"build_collection.default_dim = {EMBED_DIM}",
+    ],
+}
 
 
-def model_flops_per_example(num_inputs: int) -> float:
-    """Multiply-adds x2 of one forward pass of the DCNv2 above on ``num_inputs`` concatenated input values, x3 for
-    forward + backward (the usual training estimate)."""
-    d = num_inputs
-    forward = CROSS_LAYERS * 2 * d * d
-    widths = (d,) + MLP
-    forward += sum(2 * a * b for a, b in zip(widths[:-1], widths[1:]))
-    forward += 2 * (d + MLP[-1])  # the logit over [cross, deep]
+def _dense_flops(widths: tuple[int, ...]) -> int:
+    return sum(2 * a * b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def model_flops_per_example(num_categorical: int, num_dense: int) -> float:
+    """Multiply-adds x2 of one forward pass of ``--model`` (shapes above) on ``num_categorical`` embeddings and
+    ``num_dense`` dense inputs, x3 for forward + backward (the usual training estimate)."""
+    if MODEL.value == "dcnv2":
+        d = num_categorical * EMBED_DIM + num_dense
+        forward = CROSS_LAYERS * 2 * d * d + _dense_flops((d,) + MLP)
+        forward += 2 * (d + MLP[-1])  # the logit over [cross, deep]
+    else:
+        tokens = num_categorical + bool(num_dense)
+        forward = _dense_flops((num_dense, *BOTTOM_MLP, EMBED_DIM)) if num_dense else 0
+        forward += 2 * tokens * tokens * EMBED_DIM  # the whole Gram matrix, as both sides compute it
+        top_in = EMBED_DIM * bool(num_dense) + tokens * (tokens - 1) // 2
+        forward += _dense_flops((top_in, *TOP_MLP, 1))
     return 3.0 * forward
 
 
@@ -134,8 +165,8 @@ def run_ctr_worker() -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume of an earlier one
     gin.clear_config()
     train_cli.parse_config(
-        [os.path.join(train_cli.REPO_ROOT, "configs", f"{DATASET.value}_dcnv2.gin")],
-        SHAPE_BINDINGS
+        [os.path.join(train_cli.REPO_ROOT, "configs", f"{DATASET.value}_{MODEL.value}.gin")],
+        SHAPE_BINDINGS[MODEL.value]
         + [
             f'DATA_DIR = "{DATA.value}"',
             f"train.num_epochs = {EPOCHS.value}",
@@ -201,21 +232,40 @@ def run_keras_worker() -> dict:
     ).prefetch(tf.data.AUTOTUNE)
 
     inputs = {name: tf.keras.Input((), dtype=tf.int32, name=name) for name in schema.categorical}
-    parts = [
+    embedded = [
         tf.keras.layers.Embedding(len(kept[name]) + 1, EMBED_DIM, name=f"emb_{name}")(inputs[name])
         for name in schema.categorical
     ]
     if schema.dense:
         inputs["dense_input"] = tf.keras.Input((len(schema.dense),), name="dense_input")
-        parts.append(inputs["dense_input"])
-    x0 = tf.keras.layers.Concatenate()(parts)
-    x = x0
-    for _ in range(CROSS_LAYERS):
-        x = tfrs.layers.dcn.Cross()(x0, x)
-    deep = x0
-    for width in MLP:
-        deep = tf.keras.layers.Dense(width, activation="relu")(deep)
-    logit = tf.keras.layers.Dense(1)(tf.keras.layers.Concatenate()([x, deep]))
+    if MODEL.value == "dcnv2":
+        x0 = tf.keras.layers.Concatenate()(embedded + ([inputs["dense_input"]] if schema.dense else []))
+        x = x0
+        for _ in range(CROSS_LAYERS):
+            x = tfrs.layers.dcn.Cross()(x0, x)
+        deep = x0
+        for width in MLP:
+            deep = tf.keras.layers.Dense(width, activation="relu")(deep)
+        logit = tf.keras.layers.Dense(1)(tf.keras.layers.Concatenate()([x, deep]))
+    else:
+        tokens, top = embedded, []
+        if schema.dense:
+            bottom = inputs["dense_input"]
+            for width in BOTTOM_MLP + (EMBED_DIM,):
+                bottom = tf.keras.layers.Dense(width, activation="relu")(bottom)
+            tokens, top = [bottom] + embedded, [bottom]
+        if JIT.value:
+            rows, cols = np.tril_indices(len(tokens), k=-1)  # DotInteraction's order
+            stacked = tf.keras.layers.Lambda(lambda t: tf.stack(t, axis=1))(tokens)
+            gram = tf.keras.layers.Lambda(lambda t: tf.matmul(t, t, transpose_b=True))(stacked)
+            flat = tf.keras.layers.Reshape((len(tokens) ** 2,))(gram)
+            dots = tf.keras.layers.Lambda(lambda g: tf.gather(g, rows * len(tokens) + cols, axis=1))(flat)
+        else:
+            dots = tfrs.layers.feature_interaction.DotInteraction()(tokens)
+        top = tf.keras.layers.Concatenate()(top + [dots])
+        for width in TOP_MLP:
+            top = tf.keras.layers.Dense(width, activation="relu")(top)
+        logit = tf.keras.layers.Dense(1)(top)
     model = tf.keras.Model(inputs, logit)
     model.compile(
         tf.keras.optimizers.Adam(1e-3),
@@ -249,7 +299,7 @@ def run_keras_worker() -> dict:
 def spawn(worker: str, data_dir: str, seed: int, out: str, jit: bool = False) -> dict:
     """Runs one side in a fresh process; a result already in ``out`` for the same inputs is reused (so an
     interrupted comparison can be resumed), the ctr side's keyed by its extra bindings."""
-    key = f"{DATASET.value}_{worker}_{seed}_{int(jit)}"
+    key = f"{DATASET.value}_{worker}_{seed}_{int(jit)}" + ("" if MODEL.value == "dcnv2" else f"_{MODEL.value}")
     if worker == "ctr" and BINDINGS.value:
         key += "_" + hashlib.sha1("\n".join(BINDINGS.value).encode()).hexdigest()[:10]
     result = os.path.join(out, f"result_{key}_{EPOCHS.value:g}ep.json")
@@ -258,7 +308,7 @@ def spawn(worker: str, data_dir: str, seed: int, out: str, jit: bool = False) ->
             return json.load(f)
     cmd = [
         sys.executable, os.path.abspath(__file__), f"--worker={worker}", f"--data={data_dir}", f"--seed={seed}",
-        f"--dataset={DATASET.value}", f"--epochs={EPOCHS.value}", f"--result={result}",
+        f"--dataset={DATASET.value}", f"--model={MODEL.value}", f"--epochs={EPOCHS.value}", f"--result={result}",
         f"--{'' if jit else 'no'}jit_compile",
     ] + [f"--binding={b}" for b in BINDINGS.value]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
@@ -317,10 +367,9 @@ def main(argv):
     from ctr.data import prepared
 
     metadata = prepared.read_metadata(data_dir)
-    num_inputs = sum(1 for _ in metadata["schema"]["categorical"]) * EMBED_DIM + len(metadata["schema"]["dense"])
-    flops = model_flops_per_example(num_inputs)
-    print(f"\n{DATASET.value}: train {metadata['splits']['train']['rows']:,} rows, {EPOCHS.value} epoch(s), batch {BATCH}, "
-          f"seeds {seeds}; model {flops / 1e6:.2f} MFLOP per training example")
+    flops = model_flops_per_example(len(metadata["schema"]["categorical"]), len(metadata["schema"]["dense"]))
+    print(f"\n{DATASET.value}, {MODEL.value}: train {metadata['splits']['train']['rows']:,} rows, "
+          f"{EPOCHS.value} epoch(s), batch {BATCH}, seeds {seeds}; model {flops / 1e6:.2f} MFLOP per training example")
     print("| side | test AUC | test logloss | valid AUC | examples/s | peak RSS MiB |")
     print("| --- | --- | --- | --- | --- | --- |")
     rates = {}
