@@ -126,20 +126,9 @@ def rebuild() -> Rebuilt:
     collection = _train_argument("embedding_fn")(schema).with_mesh(mesh, rules["table_rows"])
     network = model_zoo.get(_train_argument("model_name"))()
     module = train_state_lib.CTRModule(collection=collection, network=network)
-    tx = optimizers.dense_optimizer()
     sparse_optimizer = _train_argument("sparse_optimizer")
-    probe = next(dataset.eval_batches(dataset_lib.probe_split(dataset), 1))[0]
-    probe_ids = collection.host_ids(probe)
-    probe_dev = train_state_lib.device_batch(schema, probe)
-
-    def init_state(rng):
-        tables = collection.init(rng)
-        rows = collection.read_rows(tables, probe_ids)
-        params = module.init({"params": rng, "dropout": rng}, rows, probe_dev, train=False)["params"]
-        return train_state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                  tables=tables, table_slots={n: sparse_optimizer.init(t) for n, t in tables.items()},
-                                  rng=rng)  # fmt: skip
-
+    init_state, _, _ = train_state_lib.init_state_fn(dataset, collection, module, optimizers.dense_optimizer(),
+                                                     sparse_optimizer, probe_rows=1)  # fmt: skip
     return Rebuilt(dataset=dataset, collection=collection, module=module, sparse_optimizer=sparse_optimizer,
                    init_state=init_state)  # fmt: skip
 

@@ -7,7 +7,7 @@ with those output shardings, so no array is ever materialised on one device firs
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import flax.struct
@@ -69,22 +69,20 @@ class Shardings:
     ids: Mapping[str, NamedSharding]
 
 
-def build(
+def init_state_fn(
     dataset: Dataset,
     collection: Embeddings,
     module: CTRModule,
     tx: optax.GradientTransformation,
     sparse_optimizer: SparseOptimizer,
-    mesh: Mesh,
-    rules: dict[str, tuple[str, ...]],
-    seed: int,
-) -> tuple[TrainState, Shardings]:
-    """The initial state, sharded, and the shardings of the state and of a step's inputs.
+    probe_rows: int,
+) -> tuple[Callable[[jax.Array], TrainState], Batch, Batch]:
+    """``rng -> TrainState``, the initial state (unsharded), with the probe batch it initialises the parameters
+    on (``probe_rows`` rows of :func:`~ctr.data.dataset.probe_split`) as (device batch, ids).
 
-    Parameters are initialised on a probe batch (one row per batch shard, from
-    :func:`~ctr.data.dataset.probe_split`): shapes only depend on the schema, so its content does not matter.
+    Shapes only depend on the schema, so the probe's content does not matter.
     """
-    probe = next(dataset.eval_batches(dataset_lib.probe_split(dataset), mesh_lib.batch_shards(mesh, rules)))[0]
+    probe = next(dataset.eval_batches(dataset_lib.probe_split(dataset), probe_rows))[0]
     probe_ids = collection.host_ids(probe)
     probe_dev = device_batch(dataset.schema, probe)
 
@@ -102,6 +100,25 @@ def build(
             rng=state_rng,
         )
 
+    return init_state, probe_dev, probe_ids
+
+
+def build(
+    dataset: Dataset,
+    collection: Embeddings,
+    module: CTRModule,
+    tx: optax.GradientTransformation,
+    sparse_optimizer: SparseOptimizer,
+    mesh: Mesh,
+    rules: dict[str, tuple[str, ...]],
+    seed: int,
+) -> tuple[TrainState, Shardings]:
+    """The initial state, sharded, and the shardings of the state and of a step's inputs.
+
+    Parameters are initialised on a probe batch of one row per batch shard (:func:`init_state_fn`).
+    """
+    init_state, probe_dev, probe_ids = init_state_fn(dataset, collection, module, tx, sparse_optimizer,
+                                                     mesh_lib.batch_shards(mesh, rules))  # fmt: skip
     abstract = jax.eval_shape(init_state, jax.random.key(seed))
     state_shardings = TrainState(
         step=mesh_lib.replicated(mesh),
