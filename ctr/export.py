@@ -185,10 +185,12 @@ def serving_outputs(module: Any, params: Any, tables: Any, dev: dict, ids: dict)
     out = module.apply({"params": params}, rows, dev, train=False)
     logit = module.network.logits(out).astype(jnp.float32)
     result = {"logit": logit, "probability": jax.nn.sigmoid(logit)}
-    if isinstance(out, dict) and "tower_logits" in out:
-        for name, value in out["tower_logits"].items():
+    parts = getattr(module.network, "parts", None)  # an ensemble's members (ctr.model_io.Network)
+    if parts:
+        members = parts(out)
+        for name, (value, _) in members.items():
             result[f"{name}_probability"] = jax.nn.sigmoid(value.astype(jnp.float32))
-        result["fusion_weights"] = out["weights"].astype(jnp.float32)
+        result["fusion_weights"] = jnp.stack([w for _, w in members.values()], axis=-1).astype(jnp.float32)
     return result
 
 
