@@ -94,8 +94,7 @@ def main(argv: list[str]) -> None:
         for seed in map(int, SEEDS.value):
             gen = dict(num_users=USERS.value, seed=seed, mechanism=mechanism, ad_prior=AD_PRIOR.value)
             labels = synthetic_datasets.synthetic_taobao(data_dir=data_dir, **gen).splits["train"]["label"]
-            oracle_path = os.path.join(synthetic_datasets.synthetic_taobao_raw_dir(
-                data_dir, USERS.value, seed, mechanism, AD_PRIOR.value), "oracle.npz")  # fmt: skip
+            oracle_path = os.path.join(synthetic_datasets.synthetic_taobao_raw_dir(data_dir, **gen), "oracle.npz")
             oracle = dict(np.load(oracle_path)) if os.path.exists(oracle_path) else None  # older data: none
             oracle_auc = metrics.auc(oracle["label"], oracle["logit"]) if oracle else float("nan")
             rate = float(np.mean(labels))

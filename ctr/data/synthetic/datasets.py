@@ -88,7 +88,7 @@ def synthetic_taobao(
     generated once into ``data_dir``, joined by the real reader and split by day as TaobaoAds is: 2017-05-13 is
     test, and valid is the test day (the BARS protocol)."""
     raw_dir = _generated(
-        data_dir, os.path.basename(synthetic_taobao_raw_dir(data_dir, num_users, seed, mechanism, ad_prior)),
+        data_dir, _taobao_name(num_users, seed, mechanism, ad_prior),
         lambda p: synthetic_taobao_lib.write_synthetic(
             p, num_users, impressions_per_user, seed, mechanism=mechanism, ad_prior=ad_prior
         ),
@@ -111,9 +111,13 @@ def synthetic_taobao(
 
 def synthetic_taobao_raw_dir(data_dir: str, num_users: int, seed: int, mechanism: str, ad_prior: float) -> str:
     """Where :func:`synthetic_taobao` writes its raw files (and the generator's ``oracle.npz``)."""
+    return os.path.join(data_dir, _taobao_name(num_users, seed, mechanism, ad_prior))
+
+
+def _taobao_name(num_users: int, seed: int, mechanism: str, ad_prior: float) -> str:
     # The default mechanism keeps the directory name of the data generated before mechanisms existed.
     variant = "" if (mechanism, ad_prior) == ("presence", 0.3) else f"_{mechanism}_prior{ad_prior:g}"
-    return os.path.join(data_dir, f"taobao_synthetic_{num_users}_{seed}{variant}")
+    return f"taobao_synthetic_{num_users}_{seed}{variant}"
 
 
 def _generated(data_dir: str, name: str, write) -> str:
