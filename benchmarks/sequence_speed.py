@@ -110,19 +110,12 @@ def dots_alone_s(dots: list[dict]) -> float:
             a = jax.random.normal(jax.random.key(0), d["lhs"], jnp.float32)
             b = jax.random.normal(jax.random.key(1), d["rhs"], jnp.float32)
             f = jax.jit(lambda x, y, dims=d["dims"]: jax.lax.dot_general(x, y, dims))
-            jax.block_until_ready(f(a, b))
-            times = []
-            for _ in range(3):
-                t = time.perf_counter()
-                jax.block_until_ready(f(a, b))
-                times.append(time.perf_counter() - t)
-            best[key] = min(times)
-    total = collections.Counter()
+            best[key] = step_breakdown.best_ms(f, a, b, repeats=3) / 1e3
+    total, flops = collections.Counter(), collections.Counter()
     for d in dots:
-        total[d["op_name"].split("/")[-2] + f" {d['lhs']}x{d['rhs']}"] += best[(d["lhs"], d["rhs"], d["dims"])]
-    flops = collections.Counter()
-    for d in dots:
-        flops[d["op_name"].split("/")[-2] + f" {d['lhs']}x{d['rhs']}"] += d["flops"]
+        name = d["op_name"].split("/")[-2] + f" {d['lhs']}x{d['rhs']}"
+        total[name] += best[(d["lhs"], d["rhs"], d["dims"])]
+        flops[name] += d["flops"]
     print("  slowest dots alone (op, lhs x rhs: time, GFLOP/s):")
     for key, t in total.most_common(8):
         print(f"    {t * 1e3:7.1f} ms {flops[key] / t / 1e9:6.1f} GFLOP/s  {key}")
@@ -133,7 +126,6 @@ def build(config: str, data_dir: str):
     """The trainer's objects for ``configs/<config>.gin``: (module, state, jitted step, device batch, ids, host
     batch)."""
     import gin
-    import jax
 
     from ctr import mesh as mesh_lib
     from ctr import models as model_zoo
@@ -169,7 +161,6 @@ def build(config: str, data_dir: str):
     host = next(dataset.train_batches(BATCH.value, 0, 0))
     batch = mesh_lib.to_global(mesh, rules, train_state_lib.device_batch(dataset.schema, host))
     ids = mesh_lib.to_global(mesh, rules, collection.host_ids(host))
-    del jax
     return module, state, step, batch, ids, host
 
 

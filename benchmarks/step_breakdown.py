@@ -24,10 +24,11 @@ from embeddings import table_placement, sparse_optim
 BATCH, FEATURES, DIM, ROWS = 4096, 24, 16, 44_032
 
 
-def best_ms(f, *args) -> float:
+def best_ms(f, *args, repeats: int = 5) -> float:
+    """Milliseconds of ``f(*args)``, the best of ``repeats`` calls after a first (compiling) one."""
     jax.block_until_ready(f(*args))
     times = []
-    for _ in range(5):
+    for _ in range(repeats):
         t = time.perf_counter()
         jax.block_until_ready(f(*args))
         times.append(time.perf_counter() - t)
