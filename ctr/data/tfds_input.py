@@ -30,6 +30,7 @@ from ctr.data import prepared as prepared_lib
 from ctr.data import rows as rows_lib
 from ctr.data import schema as schema_lib
 from ctr.data import splits as splits_lib
+from ctr.data import vocab as vocab_lib
 
 
 class NotBuilt(errors.UserError, FileNotFoundError):
@@ -96,24 +97,20 @@ def vocabulary(name: str, data_dir: str | None) -> tuple[dict[str, np.ndarray], 
     Raises:
       NotBuilt, Mismatch: as :func:`tfds_dataset`; ValueError: built without a vocabulary.
     """
-    import io
-    import json
-
-    from etils import epath
-
     from ctr.data import tfds_builders
 
     builder, meta = _open(name, data_dir, None, arg="vocabularies")
-    folder = epath.Path(builder.data_dir) / tfds_builders.VOCAB_DIR
+    folder = f"{builder.data_dir}/{tfds_builders.VOCAB_DIR}"
     if not meta.get("vocab"):
         raise ValueError(f"{builder.data_dir} was built without a vocabulary (set the dataset's Processing.min_count)")
     try:
-        sizes = json.loads((folder / "vocab.json").read_text())["sizes"]
-        kept = {v: np.load(io.BytesIO((folder / f"{v}.npy").read_bytes())) for v in sizes}
+        kept = vocab_lib.Vocabulary.load(str(builder.data_dir)).kept  # the build's copy of prepare's vocab/
     except OSError as e:
         raise NotBuilt(f"{folder}: {e} (built before builds kept their vocabulary; rebuild it)") from e
+    except ValueError as e:
+        raise Mismatch(f"{e}; rebuild it") from e
     for v, values in kept.items():
-        if len(values) + 1 != sizes[v] or sizes[v] != meta["vocab"]["sizes"].get(v):
+        if len(values) + 1 != meta["vocab"]["sizes"].get(v):
             raise Mismatch(f"{folder}/{v}.npy: {len(values)} kept values, the dataset's metadata says "
                            f"{meta['vocab']['sizes'].get(v)} rows (kept + OOV); rebuild it")  # fmt: skip
     return kept, prepared_lib.schema_from_json(meta["schema"])

@@ -170,7 +170,17 @@ class Vocabulary:
 
     @staticmethod
     def load(data_dir: str) -> "Vocabulary":
+        """The vocabulary :meth:`save` wrote into ``data_dir`` (local or remote).
+
+        Raises:
+          OSError: a file is missing or unreadable.
+          ValueError: a ``.npy`` file's kept values disagree with the size ``vocab.json`` records (kept + OOV).
+        """
         info = json.loads(paths.read_text(paths.join(data_dir, _DIR, "vocab.json")))
         kept = {name: np.load(io.BytesIO(paths.read_bytes(paths.join(data_dir, _DIR, f"{name}.npy"))))
                 for name in info["sizes"]}
+        for name, values in kept.items():
+            if len(values) + 1 != info["sizes"][name]:
+                raise ValueError(f"{paths.join(data_dir, _DIR, name + '.npy')}: {len(values)} kept values, vocab.json "
+                                 f"says {info['sizes'][name]} rows (kept + OOV)")  # fmt: skip
         return Vocabulary(info["min_count"], kept)

@@ -134,6 +134,11 @@ def test_vocabulary_maps_rare_values_to_oov(tmp_path, criteo_raw):
     np.testing.assert_array_equal(some["C3"], kept["C3"])
     with pytest.raises(errors.ConfigError, match=r"vocabularies.features: \['C99'\] have no vocabulary"):
         prepared.vocabularies(str(tmp_path), features=("C3", "C99"))
+    # A .npy that disagrees with vocab.json is refused, naming the file.
+    np.save(tmp_path / "vocab" / "C3.npy", kept["C3"][:-1])
+    with pytest.raises(ValueError, match=rf"vocab/C3\.npy: {len(kept['C3']) - 1} kept values, vocab.json says "
+                                         rf"{len(kept['C3']) + 1} rows"):
+        vocab.Vocabulary.load(str(tmp_path))
 
 
 def test_time_split_holds_out_the_last_day(tmp_path):
