@@ -61,7 +61,7 @@ import tempfile
 import time
 import traceback
 
-from absl import app, flags
+from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository, when run as a file
 
@@ -122,6 +122,9 @@ ISOLATE = flags.DEFINE_boolean("isolate", True, "Run each cell in its own proces
                                "costs one cell).")  # fmt: skip
 CELL_TIMEOUT = flags.DEFINE_integer("cell_timeout_s", 240, "With --isolate: a cell still running after this is "
                                     "killed and reported.")  # fmt: skip
+BUDGET = flags.DEFINE_integer("budget_s", 0, "With --isolate: stop starting cells once this many seconds have "
+                               "passed, and cut each cell's timeout to what is left, so the table is always "
+                               "printed (0: no budget).")  # fmt: skip
 CELLS = flags.DEFINE_list("cells", [], "Run only these cells (names as printed), e.g. mlperf/bfloat16/xla.")
 CACHE_DIR = flags.DEFINE_string("compilation_cache_dir", os.path.join(tempfile.gettempdir(), "ctr_throughput_xla"),
                                 "Persistent XLA cache (the split's device step reuses the trainer's compilation); "
@@ -370,7 +373,7 @@ def run_cell(name: str, settings: Settings) -> dict:
 
 
 # -- driver -----------------------------------------------------------------------------------------------------
-def spawn(name: str, out_dir: str) -> dict:
+def spawn(name: str, out_dir: str, timeout_s: float, env: dict) -> dict:
     """Runs one cell in a fresh process (``--worker``); its failure or timeout becomes an ``error`` entry."""
     result_path = os.path.join(out_dir, name.replace("/", "_") + ".json")
     passed = [a for a in sys.argv[1:] if not a.startswith(("--worker", "--result", "--cells", "--json_out"))]
@@ -378,9 +381,9 @@ def spawn(name: str, out_dir: str) -> dict:
     err_path = os.path.join(out_dir, name.replace("/", "_") + ".stderr")
     t0 = time.perf_counter()
     with open(err_path, "w") as err:
-        proc = subprocess.Popen(cmd, stderr=err, start_new_session=True)
+        proc = subprocess.Popen(cmd, stderr=err, start_new_session=True, env=env)
         try:
-            code = proc.wait(timeout=CELL_TIMEOUT.value)
+            code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -394,7 +397,7 @@ def spawn(name: str, out_dir: str) -> dict:
         with open(result_path) as f:
             return json.load(f)
     tail = "\n".join(stderr.strip().splitlines()[-15:])
-    why = f"killed after --cell_timeout_s={CELL_TIMEOUT.value}" if code is None else f"exit code {code}"
+    why = f"killed after {timeout_s:.0f} s (--cell_timeout_s, --budget_s)" if code is None else f"exit code {code}"
     print(f"  {name}: FAILED ({why}); its stderr ends:\n{tail}", flush=True)
     return {"cell": name, "error": why + ": " + (tail.splitlines()[-1] if tail else ""),
             "wall_s": time.perf_counter() - t0}  # fmt: skip
@@ -432,6 +435,10 @@ def setup_jax() -> None:
 
 def main(argv: list[str]) -> None:
     del argv
+    if ZIPF.value <= 1:
+        raise app.UsageError(f"--zipf must be > 1 (a Zipf exponent), got {ZIPF.value}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint manager step at INFO
     settings = Settings.from_flags()
     setup_jax()
     if WORKER.value:
@@ -439,6 +446,9 @@ def main(argv: list[str]) -> None:
         with open(RESULT.value, "w") as f:
             json.dump(result, f)
         return
+    child_env = dict(os.environ)
+    if ISOLATE.value:  # this process only prints: leave the device's memory to the cells (JAX takes 75% at start)
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     import jax
 
     names = cell_names()
@@ -457,8 +467,12 @@ def main(argv: list[str]) -> None:
     try:
         for name in names:
             print(f"\n{name}", flush=True)
-            if ISOLATE.value:
-                results.append(spawn(name, out_dir))
+            left = BUDGET.value - (time.perf_counter() - t0) if BUDGET.value else float("inf")
+            if ISOLATE.value and left < 10:
+                print(f"  {name}: skipped: --budget_s={BUDGET.value} spent", flush=True)
+                results.append({"cell": name, "error": f"skipped: --budget_s={BUDGET.value} spent"})
+            elif ISOLATE.value:
+                results.append(spawn(name, out_dir, min(CELL_TIMEOUT.value, left), child_env))
             else:
                 try:
                     results.append(run_cell(name, settings))
