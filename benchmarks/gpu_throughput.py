@@ -14,7 +14,8 @@ One run prints every figure of issue 19 for the device it runs on (written for o
   and lookup (``--lookups``): ``xla`` (``LookupOptions.path = 'xla'``: XLA's gather and scatter), ``kernel``
   (``path = 'shard_map'``, ``local_gather = 'kernel'``: ``kernels.lookup``, whose ``auto`` backend is the
   Pallas Triton kernel on CUDA and XLA's gather on CPU) and ``shard_map`` (the same routing with
-  ``jnp.take``, which tells the routing's cost from the kernel's).
+  ``jnp.take``, which tells the routing's cost from the kernel's) and ``mosaic_gpu`` (the routing with the
+  Mosaic GPU row gather, ``kernels.lookup_mosaic_gpu``: GPU only).
 - The shipped ``configs/criteo_dcnv2.gin`` and ``configs/taobao_interformer.gin`` at their own batch and
   widths, float32, their tables hashed to ``--shipped_rows`` rows per feature instead of a prepared vocabulary.
 
@@ -89,6 +90,8 @@ LOOKUPS = {
     "xla": ["LookupOptions.path = 'xla'"],
     "shard_map": ["LookupOptions.path = 'shard_map'", "LookupOptions.local_gather = 'take'"],
     "kernel": ["LookupOptions.path = 'shard_map'", "LookupOptions.local_gather = 'kernel'"],
+    "mosaic_gpu": ["LookupOptions.path = 'shard_map'", "LookupOptions.local_gather = 'kernel'",
+                   "LookupOptions.kernel_backend = 'mosaic_gpu'"],
 }
 SHIPPED = ("criteo_dcnv2", "taobao_interformer")
 # --tiny: the same structures, narrow, so that the CPU run is about compilation, not arithmetic.
@@ -171,7 +174,7 @@ def cell_names() -> list[str]:
     unknown = sorted(set(CELLS.value) - set(names))
     if unknown:
         raise app.UsageError(f"--cells {unknown} are not in this matrix: {names}")
-    return [n for n in names if not CELLS.value or n in CELLS.value]
+    return list(CELLS.value) if CELLS.value else names  # --cells: in the order given
 
 
 # -- data -------------------------------------------------------------------------------------------------------
