@@ -4,9 +4,9 @@
 #   1. tests/kernels/test_lookup_on_device.py (the Pallas lookup kernels compiled for the GPU, against XLA)
 #      -> lookup_on_device.log
 #   2. benchmarks/gpu_throughput.py, the whole matrix (MLPerf DLRM-DCNv2 shape x {bfloat16, float32} x
-#      {xla, kernel}, then the shipped criteo_dcnv2 and taobao_interformer), one process per cell, within
-#      --budget_s so that its closing markdown table is always printed -> throughput.log, throughput.json,
-#      cells_stderr.log
+#      {xla, kernel = Triton, mosaic_gpu}, and the shipped criteo_dcnv2 and taobao_interformer), one process
+#      per cell, most wanted first ($CELLS), within --budget_s so that its closing markdown table is always
+#      printed (cells the budget leaves out say so) -> throughput.log, throughput.json, cells_stderr.log
 #   plus machine.txt (nvidia-smi, python and package versions). About 8 minutes in all (timeouts below).
 #
 # What the machine has (/work/.library/device/KINDS.md): python3 3.12 with jax 0.11.2 + the CUDA 13 plugin,
@@ -23,8 +23,9 @@
 #
 # No virtualenv travels: the machine's own python3 runs the working tree (PYTHONPATH=the checkout). Its jax is
 # newer than requirements.lock's 0.10.2: machine.txt records the versions, and the results must say which ran.
-# Arguments are passed on to gpu_throughput.py (e.g. --cells=... for a rerun of some cells); on CPU, to try
-# this script itself: OUT=/tmp/o PYTHON=<venv python> JAX_PLATFORMS=cpu bash benchmarks/gpu_run.sh --tiny
+# Arguments are passed on to gpu_throughput.py after these (e.g. --cells=... to rerun some cells); on CPU, to try
+# this script itself: OUT=/tmp/o PYTHON=<venv python> JAX_PLATFORMS=cpu bash benchmarks/gpu_run.sh --tiny \
+#   --cells=mlperf/bfloat16/xla,criteo_dcnv2/float32/xla   (mosaic_gpu cells run on a GPU only)
 # Copy throughput.log's closing table into benchmarks/RESULTS.md with this command and the jax version.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_run_out}
@@ -48,9 +49,12 @@ fi
 cat "$OUT/machine.txt"
 
 echo "== tests/kernels/test_lookup_on_device.py"
-timeout 150 "$PY" -m pytest tests/kernels/test_lookup_on_device.py -q -rs -p no:cacheprovider 2>&1 \
+timeout 120 "$PY" -m pytest tests/kernels/test_lookup_on_device.py -q -rs -p no:cacheprovider 2>&1 \
   | tee "$OUT/lookup_on_device.log"
 
+CELLS=mlperf/bfloat16/xla,mlperf/bfloat16/kernel,mlperf/bfloat16/mosaic_gpu,mlperf/float32/xla
+CELLS=$CELLS,criteo_dcnv2/float32/xla,taobao_interformer/float32/xla,mlperf/float32/kernel,mlperf/float32/mosaic_gpu
 echo "== benchmarks/gpu_throughput.py"
 timeout 400 "$PY" benchmarks/gpu_throughput.py --budget_s=330 --cell_timeout_s=110 --reps=5 \
+  --lookups=xla,kernel,mosaic_gpu --cells="$CELLS" \
   --json_out="$OUT/throughput.json" --stderr_log="$OUT/cells_stderr.log" "$@" 2>&1 | tee "$OUT/throughput.log"

@@ -430,10 +430,16 @@ def markdown_table(results: list[dict]) -> str:
 def setup_jax() -> None:
     import jax
 
-    if CACHE_DIR.value:
-        jax.config.update("jax_compilation_cache_dir", CACHE_DIR.value)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if not CACHE_DIR.value:
+        return
+    for name, value in [("jax_compilation_cache_dir", CACHE_DIR.value),
+                        ("jax_persistent_cache_min_compile_time_secs", 0.0),
+                        ("jax_persistent_cache_min_entry_size_bytes", 0)]:  # fmt: skip
+        try:
+            jax.config.update(name, value)
+        except (AttributeError, ValueError) as e:  # another jax version: run without the cache
+            print(f"no persistent compilation cache: {name}: {e}", flush=True)
+            return
 
 
 def main(argv: list[str]) -> None:
