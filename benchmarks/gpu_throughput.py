@@ -406,6 +406,13 @@ def spawn(name: str, out_dir: str, timeout_s: float, env: dict) -> dict:
             "wall_s": time.perf_counter() - t0}  # fmt: skip
 
 
+LEGEND = ("examples/s: ctr.trainer.train's log windows after the first; x 0.5M/s: over MLPerf's per-GPU rate; step: "
+          "batch / examples/s; device step: the trainer's jitted step alone on one batch, no input; lookup, dense "
+          "(fwd + bwd + dense optimizer), update (sparse optimizer): trainer.step_phases, each jitted alone; input: "
+          "trainer.device_inputs alone, per batch (a background thread in training); peak: the cell process's "
+          "peak_bytes_in_use; medians. MLPerf cells are one-hot (26 ids per example; MLPerf's multi-hot: 214).")
+
+
 def _fmt(value, spec: str, scale: float = 1.0) -> str:
     return "n/a" if value is None else format(value / scale, spec)
 
@@ -493,6 +500,8 @@ def main(argv: list[str]) -> None:
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     print(f"\nall cells: {time.perf_counter() - t0:.0f} s; jax {jax.__version__}, {device.device_kind}\n")
+    print(LEGEND + ("" if device.platform == "gpu" else " Not a GPU: kernel cells ran kernels.lookup's fallback "
+                    "(XLA's gather) behind the shard_map routing."))  # fmt: skip
     print(markdown_table(results), flush=True)
     if JSON_OUT.value:
         with open(JSON_OUT.value, "w") as f:
