@@ -30,12 +30,12 @@ is the cell's own and a crash or OOM costs only that cell):
   update, the loss window read at each log boundary), ``Checkpointer.enabled = False``, no evaluation;
   ``--windows`` log windows of ``--log_every`` steps after a first window that holds the compilation.
 - step: ``--batch`` / that rate. Then the split, after the run, on a fresh state of the same shapes:
-  ``device step``: the trainer's jitted step (``make_train_step``) on one fixed batch, no input, median of
+  ``device step``: the trainer's jitted step (``make_train_step``) on one fixed batch, no input, best of
   ``--reps``; ``lookup``, ``dense`` (forward, backward and the dense optimizer) and ``update`` (the sparse
-  optimizer): the step's own parts (``ctr.trainer.step_phases``), each jitted alone (state donated), median
+  optimizer): the step's own parts (``ctr.trainer.step_phases``), each jitted alone (state donated), best
   of ``--reps``; their sum is printed against the device step (XLA fuses across the boundaries in the whole
   step, so it can be a little lower). ``input``: the trainer's producer (``ctr.trainer.device_inputs``: host
-  batch, hashing to row ids, host-to-device transfer) alone, median per batch; in training it runs on a
+  batch, hashing to row ids, host-to-device transfer) alone, best of ``--reps`` batches; in training it runs on a
   background thread, so the loop's step is about max(input, device step) plus the per-boundary sync.
 - peak memory: ``device.memory_stats()['peak_bytes_in_use']`` at the end of the cell ('n/a' where the
   backend reports none, e.g. CPU); in one process (``--noisolate``) it is the process's peak so far.
@@ -55,12 +55,12 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+from typing import Callable
 
 from absl import app, flags, logging
 
@@ -119,8 +119,10 @@ TRAIN_ROWS = flags.DEFINE_integer("train_rows", None, "Rows of the synthetic tra
 ZIPF = flags.DEFINE_float("zipf", 1.1, "Zipf exponent of the categorical values (> 1).")
 LOG_EVERY = flags.DEFINE_integer("log_every", 10, "Steps per log window of the timed trainer run.")
 WINDOWS = flags.DEFINE_integer("windows", 3, "Timed log windows after the first (which holds the compilation).")
-REPS = flags.DEFINE_integer("reps", 10, "Repeats of each timed part of the split (median).")
+REPS = flags.DEFINE_integer("reps", 10, "Repeats of each timed part of the split (the best counts, as in step_breakdown.best_ms).")
 PHASES = flags.DEFINE_boolean("phases", True, "Measure the step split after the trainer run.")
+TOP_OPS = flags.DEFINE_integer("top_ops", 12, "With --phases: profile one whole step (jax.profiler) and print its "
+                               "costliest ops, summed by name (0: no profile).")  # fmt: skip
 ISOLATE = flags.DEFINE_boolean("isolate", True, "Run each cell in its own process (own peak memory; a crash "
                                "costs one cell).")  # fmt: skip
 CELL_TIMEOUT = flags.DEFINE_integer("cell_timeout_s", 240, "With --isolate: a cell still running after this is "
@@ -244,14 +246,46 @@ def cell_setup(name: str, settings: Settings):
 
 
 # -- one cell ---------------------------------------------------------------------------------------------------
-def median_ms(f, n: int) -> float:
-    """Median milliseconds of ``n`` calls of ``f()`` (which blocks until its work is done)."""
+def best_ms(f, n: int) -> float:
+    """The fewest milliseconds of ``n`` calls of ``f()`` (which blocks until its work is done): the least
+    disturbed by whatever else the machine runs."""
     times = []
     for _ in range(n):
         t = time.perf_counter()
         f()
         times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+    return 1000 * min(times)
+
+
+def top_ops(run: Callable[[], None], top: int) -> list[dict]:
+    """The ``top`` costliest op names of one call of ``run`` under ``jax.profiler``: complete events summed by
+    name, on a GPU those of its streams (kernels), elsewhere all but the Python tracer's; the share is of all
+    such events' time (overlapping streams or threads count twice)."""
+    import collections
+    import glob
+    import gzip
+
+    import jax
+
+    out = tempfile.mkdtemp(prefix="gpu_throughput_trace_")
+    try:
+        with jax.profiler.trace(out, create_perfetto_trace=True):
+            run()
+        trace = glob.glob(os.path.join(out, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+        events = json.load(gzip.open(trace))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    # On a GPU, only the device's streams (processes named "/device:..."); elsewhere every event but Python's.
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events if e.get("ph") == "M"
+             and e.get("name") == "process_name"}  # fmt: skip
+    device = {pid for pid, n in names.items() if "/device:" in n}
+    per_op: collections.Counter[str] = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e and (e.get("pid") in device if device else e["name"][:1] != "$"):
+            per_op[e["name"]] += e["dur"] / 1e3
+    total = sum(per_op.values()) or 1.0
+    return [{"name": n[:100], "ms": ms, "share": ms / total} for n, ms in per_op.most_common(top)]
 
 
 def memory() -> dict:
@@ -324,7 +358,7 @@ def run_cell(name: str, settings: Settings) -> dict:
         host_ids = collection.host_ids(host)
         distinct = sum(len(np.unique(v)) for v in host_ids.values())
         result["distinct_ids"] = distinct / sum(v.size for v in host_ids.values())
-        result["input_ms"] = median_ms(lambda: jax.block_until_ready(next(inputs)), settings.reps)
+        result["input_ms"] = best_ms(lambda: jax.block_until_ready(next(inputs)), settings.reps)
 
         step = trainer.make_train_step(module, tx, sparse_optimizer, shardings, mesh)
         holder = {"state": step(state, dev, ids)[0]}
@@ -334,7 +368,14 @@ def run_cell(name: str, settings: Settings) -> dict:
             holder["state"], loss = step(holder["state"], dev, ids)
             jax.block_until_ready(loss)
 
-        result["device_step_ms"] = median_ms(run_step, settings.reps)
+        result["device_step_ms"] = best_ms(run_step, settings.reps)
+        if TOP_OPS.value:
+            try:
+                result["top_ops"] = top_ops(run_step, TOP_OPS.value)
+            except Exception as e:  # the profile is a diagnosis, never the reason a cell fails
+                print(f"  {name}: no profile: {type(e).__name__}: {e}", flush=True)
+            for op in result.get("top_ops", []):
+                print(f"    {op['ms']:8.2f} ms {op['share']:6.1%}  {op['name']}", flush=True)
         state = holder.pop("state")
         phases = trainer.step_phases(module, tx, sparse_optimizer)
         lookup = jax.jit(phases.lookup)
@@ -342,7 +383,7 @@ def run_cell(name: str, settings: Settings) -> dict:
         update = jax.jit(phases.update, donate_argnums=(0, 1))
         rng = jax.random.fold_in(state.rng, 0)
         rows = jax.block_until_ready(lookup(state.tables, ids))
-        result["lookup_ms"] = median_ms(lambda: jax.block_until_ready(lookup(state.tables, ids)), settings.reps)
+        result["lookup_ms"] = best_ms(lambda: jax.block_until_ready(lookup(state.tables, ids)), settings.reps)
         holder.update(params=state.params, opt=state.opt_state, tables=state.tables, slots=state.table_slots)
         del state
 
@@ -352,7 +393,7 @@ def run_cell(name: str, settings: Settings) -> dict:
             jax.block_until_ready(loss)
 
         run_dense()
-        result["dense_ms"] = median_ms(run_dense, settings.reps)
+        result["dense_ms"] = best_ms(run_dense, settings.reps)
 
         def run_update():
             holder["tables"], holder["slots"] = update(holder["tables"], holder["slots"], ids, holder["g_rows"],
@@ -360,7 +401,7 @@ def run_cell(name: str, settings: Settings) -> dict:
             jax.block_until_ready(holder["tables"])
 
         run_update()
-        result["update_ms"] = median_ms(run_update, settings.reps)
+        result["update_ms"] = best_ms(run_update, settings.reps)
         holder.clear()
         parts = result["lookup_ms"] + result["dense_ms"] + result["update_ms"]
         result["parts_over_device_step"] = parts / result["device_step_ms"]
@@ -410,7 +451,7 @@ LEGEND = ("examples/s: ctr.trainer.train's log windows after the first; x 0.5M/s
           "batch / examples/s; device step: the trainer's jitted step alone on one batch, no input; lookup, dense "
           "(fwd + bwd + dense optimizer), update (sparse optimizer): trainer.step_phases, each jitted alone; input: "
           "trainer.device_inputs alone, per batch (a background thread in training); peak: the cell process's "
-          "peak_bytes_in_use; medians. MLPerf cells are one-hot (26 ids per example; MLPerf's multi-hot: 214).")
+          "peak_bytes_in_use; timings are the best of --reps. MLPerf cells are one-hot (26 ids per example; MLPerf's multi-hot: 214).")
 
 
 def _fmt(value, spec: str, scale: float = 1.0) -> str:

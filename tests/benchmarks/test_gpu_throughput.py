@@ -14,7 +14,7 @@ def test_tiny_matrix_reports_rates_and_a_split_that_adds_up(tmp_path):
     out = tmp_path / "results.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "gpu_throughput.py"), "--tiny", "--reps=3",
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "gpu_throughput.py"), "--tiny", "--reps=5",
            "--dtypes=bfloat16", "--lookups=kernel", "--shipped=criteo_dcnv2", f"--json_out={out}",
            f"--compilation_cache_dir={tmp_path / 'xla'}"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
@@ -37,6 +37,7 @@ def test_tiny_matrix_reports_rates_and_a_split_that_adds_up(tmp_path):
         assert 0.5 < r["parts_over_device_step"] < 3.0, r
         assert r["step_ms"] > 0.5 * r["device_step_ms"], r
         assert 0 < r["distinct_ids"] <= 1
+        assert r["top_ops"] and all(op["ms"] > 0 and 0 < op["share"] <= 1 for op in r["top_ops"])
     mlperf = results["mlperf/bfloat16/kernel"]
     assert mlperf["batch"] == 256 and list(mlperf["table_rows"]) == ["per_feature_d8"]
     # The 26 MLPerf tables capped at --tiny's 4096 rows, stacked in one table (rows aligned to 256).
