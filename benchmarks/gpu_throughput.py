@@ -44,6 +44,8 @@ is the cell's own and a crash or OOM costs only that cell):
     PYTHONPATH=. python benchmarks/gpu_throughput.py                      # the full matrix (one GPU)
     JAX_PLATFORMS=cpu PYTHONPATH=. python benchmarks/gpu_throughput.py --tiny --noisolate  # end to end, ~1 min
 
+``--lower_for=cuda`` only lowers every cell's train step at full size for CUDA, from shapes (no memory, no
+device): the check a CPU machine can make of the GPU run's real shapes (tests/benchmarks runs it).
 ``--tiny`` keeps every structure but makes it narrow (:data:`TINY_BINDINGS`) and small: a smoke run of the
 script, not a measurement.
 """
@@ -138,6 +140,8 @@ JSON_OUT = flags.DEFINE_string("json_out", None, "Write every cell's result here
 STDERR_LOG = flags.DEFINE_string("stderr_log", None, "With --isolate: append each cell's stderr here (else "
                                  "shown only when the cell fails).")  # fmt: skip
 SEED = flags.DEFINE_integer("seed", 0, "Data and initialisation seed.")
+LOWER_FOR = flags.DEFINE_string("lower_for", None, "Only lower every cell's train step at full size for this "
+                                 "platform (e.g. cuda, on a CPU machine) from shapes, in this process: no run.")
 WORKER = flags.DEFINE_string("worker", None, "Internal: run this one cell in this process.")
 RESULT = flags.DEFINE_string("result", None, "Internal: where the worker writes its JSON result.")
 
@@ -295,15 +299,70 @@ def memory() -> dict:
     return {k: stats.get(k) for k in ("peak_bytes_in_use", "bytes_limit")}
 
 
+def trainer_objects(dataset):
+    """(mesh, rules, collection, module, dense optimizer, sparse optimizer) as ``trainer.train`` builds them from
+    the parsed config."""
+    import gin
+
+    from ctr import mesh as mesh_lib
+    from ctr import models as model_zoo
+    from ctr import optimizers
+    from ctr import train_state as train_state_lib
+
+    query = gin.query_parameter
+    mesh, rules = mesh_lib.make_mesh(), mesh_lib.logical_rules()
+    collection = query("train.embedding_fn").scoped_configurable_fn(dataset.schema)
+    collection = collection.with_mesh(mesh, rules["table_rows"])
+    module = train_state_lib.CTRModule(collection=collection, network=model_zoo.get(query("train.model_name"))())
+    return mesh, rules, collection, module, optimizers.dense_optimizer(), \
+        query("train.sparse_optimizer").scoped_configurable_fn()
+
+
+def lower_cell(name: str, settings: Settings, platform: str) -> dict:
+    """The cell's train step at full size lowered for ``platform`` from shapes alone (no table is allocated):
+    catches a lowering error of the real shapes on a machine without that device. Counts the kernel calls."""
+    import gin
+    import jax
+    import numpy as np
+
+    from ctr import mesh as mesh_lib
+    from ctr import train as train_cli
+    from ctr import train_state as train_state_lib
+    from ctr import trainer
+
+    t0 = time.perf_counter()
+    files, bindings, schema, values, batch = cell_setup(name, settings)
+    gin.clear_config()
+    train_cli.parse_config(files, bindings)
+    batch = batch or gin.query_parameter("train.batch_size")
+    dataset = synthetic_dataset(schema, values, batch, SEED.value, ZIPF.value)
+    mesh, rules, collection, module, tx, sparse_optimizer = trainer_objects(dataset)
+    init, _, _ = train_state_lib.init_state_fn(dataset, collection, module, tx, sparse_optimizer, 1)
+    abstract = jax.eval_shape(init, jax.random.key(SEED.value))
+    host = next(dataset.train_batches(batch, 0, SEED.value))
+    dev, ids = train_state_lib.device_batch(schema, host), collection.host_ids(host)
+
+    def batch_shardings(tree):
+        return jax.tree.map(lambda x: mesh_lib.batch_sharding(mesh, rules, np.ndim(x)), tree)
+
+    shardings = train_state_lib.Shardings(state=jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract),
+                                          batch=batch_shardings(dev), ids=batch_shardings(ids))  # fmt: skip
+    step = trainer.make_train_step(module, tx, sparse_optimizer, shardings, mesh)
+    text = step.trace(abstract, dev, ids).lower(lowering_platforms=(platform,)).as_text()
+    result = {"cell": name, "batch": batch, "lowered_for": platform, "triton_calls": text.count("xla.gpu.triton"),
+              "mosaic_gpu_calls": text.count("mosaic_gpu_v2"), "wall_s": time.perf_counter() - t0,
+              "table_gib": sum(t.num_rows * t.dim * 4 for t in collection.tables.values()) / 2**30}  # fmt: skip
+    print(f"  {name}: batch {batch:,}, tables {result['table_gib']:.1f} GiB: the train step lowers for {platform} "
+          f"({result['triton_calls']} Triton, {result['mosaic_gpu_calls']} Mosaic GPU calls)", flush=True)
+    return result
+
+
 def run_cell(name: str, settings: Settings) -> dict:
     """Trains the cell with ``ctr.trainer.train`` (the rate), then times the step's parts (the split)."""
     import gin
     import jax
     import numpy as np
 
-    from ctr import mesh as mesh_lib
-    from ctr import models as model_zoo
-    from ctr import optimizers
     from ctr import train as train_cli
     from ctr import train_state as train_state_lib
     from ctr import trainer
@@ -341,13 +400,7 @@ def run_cell(name: str, settings: Settings) -> dict:
           flush=True)  # fmt: skip
 
     if PHASES.value:
-        query = gin.query_parameter
-        mesh, rules = mesh_lib.make_mesh(), mesh_lib.logical_rules()
-        collection = query("train.embedding_fn").scoped_configurable_fn(dataset.schema)
-        collection = collection.with_mesh(mesh, rules["table_rows"])
-        module = train_state_lib.CTRModule(collection=collection, network=model_zoo.get(query("train.model_name"))())
-        tx = optimizers.dense_optimizer()
-        sparse_optimizer = query("train.sparse_optimizer").scoped_configurable_fn()
+        mesh, rules, collection, module, tx, sparse_optimizer = trainer_objects(dataset)
         state, shardings = train_state_lib.build(dataset, collection, module, tx, sparse_optimizer, mesh, rules,
                                                  SEED.value)  # fmt: skip
         result["table_rows"] = {t.name: t.num_rows for t in collection.tables.values()}
@@ -509,6 +562,10 @@ def main(argv: list[str]) -> None:
     import jax
 
     names = cell_names()
+    if LOWER_FOR.value:
+        for name in names:
+            lower_cell(name, settings, LOWER_FOR.value)
+        return
     device = jax.devices()[0]
     print(f"jax {jax.__version__}, {jax.device_count()} x {device.device_kind} ({device.platform}); "
           f"load average {os.getloadavg()[0]:.1f}")

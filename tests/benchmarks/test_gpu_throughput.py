@@ -1,8 +1,9 @@
 """benchmarks/gpu_throughput.py end to end on CPU at its tiny sizes, as the GPU session will run it (cell
 processes, the JSON and the markdown table): two cells, the MLPerf shape (bfloat16, kernel lookup) and the
-shipped Criteo DCNv2, on one CPU device."""
+shipped Criteo DCNv2, on one CPU device; and every cell's step at full size lowered for CUDA."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -48,3 +49,20 @@ def test_tiny_matrix_reports_rates_and_a_split_that_adds_up(tmp_path):
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 2 + len(CELLS) and all(f"| {c} |" in done.stdout for c in CELLS)
     assert "ONE-HOT" in done.stdout and "jax " in done.stdout.splitlines()[0]
+
+
+def test_every_cell_lowers_for_cuda_at_full_size():
+    """The GPU run's real shapes (batch 65,536, 25.8 GiB of tables), lowered from shapes alone: each kernel
+    cell's step holds exactly its kernel's call, the XLA cells none."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "gpu_throughput.py"), "--lower_for=cuda",
+           "--lookups=xla,kernel,mosaic_gpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = dict(re.findall(r"^  (\S+): batch .*\((\d+ Triton, \d+ Mosaic GPU) calls\)$", done.stdout, re.M))
+    expected = {"xla": "0 Triton, 0 Mosaic GPU", "kernel": "1 Triton, 0 Mosaic GPU",
+                "mosaic_gpu": "0 Triton, 1 Mosaic GPU"}
+    assert found == {f"mlperf/{d}/{k}": v for d in ("bfloat16", "float32") for k, v in expected.items()} | {
+        "criteo_dcnv2/float32/xla": expected["xla"], "taobao_interformer/float32/xla": expected["xla"]}, done.stdout
+    assert "batch 65,536, tables 25.8 GiB" in done.stdout
