@@ -39,7 +39,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH="$PWD"
 fi
-"$PY" -c "import gin" 2>/dev/null || { echo "gin-config is missing: see the header of $0 (carry .whl)" | tee "$OUT/machine.txt"; exit 2; }
+if ! "$PY" -c "import gin" 2>/dev/null; then
+  echo "gin-config is missing: see the header of $0 (carry .whl)" | tee "$OUT/machine.txt"
+  exit 2
+fi
 
 {
   date -u; nvidia-smi; "$PY" --version

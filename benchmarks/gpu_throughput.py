@@ -42,7 +42,7 @@ is the cell's own and a crash or OOM costs only that cell):
 - ratio: examples/s / 500,000 (MLPerf's ~65M samples/s on 128 H100s, per GPU).
 
     PYTHONPATH=. python benchmarks/gpu_throughput.py                      # the full matrix (one GPU)
-    JAX_PLATFORMS=cpu PYTHONPATH=. python benchmarks/gpu_throughput.py --tiny --noisolate  # end to end, ~1 min
+    JAX_PLATFORMS=cpu PYTHONPATH=. python benchmarks/gpu_throughput.py --tiny  # end to end, 2-3 min
 
 ``--lower_for=cuda`` only lowers every cell's train step at full size for CUDA, from shapes (no memory, no
 device): the check a CPU machine can make of the GPU run's real shapes (tests/benchmarks runs it).
@@ -106,8 +106,8 @@ TINY_BINDINGS = {
 }  # fmt: skip
 TINY_MAX_LEN = 8  # TaobaoAds behaviours per sequence under --tiny (50 otherwise)
 
-TINY = flags.DEFINE_boolean("tiny", False, "Small sizes for a CPU run of the whole matrix (about a minute): "
-                            "overrides batch, rows, windows and repeats.")  # fmt: skip
+TINY = flags.DEFINE_boolean("tiny", False, "Small sizes for a CPU run of the whole matrix (2-3 minutes on 2 busy "
+                            "cores): overrides batch, rows, widths, windows and repeats.")  # fmt: skip
 BATCH = flags.DEFINE_integer("batch", 65536, "Global batch of the MLPerf-shape cells.")
 MAX_ROWS = flags.DEFINE_integer("max_rows_per_table", 10_000_000, "Cap on each MLPerf table's rows (the 40M-row "
                                 "tables do not fit one device with their optimizer slots at full size).")  # fmt: skip
@@ -121,7 +121,8 @@ TRAIN_ROWS = flags.DEFINE_integer("train_rows", None, "Rows of the synthetic tra
 ZIPF = flags.DEFINE_float("zipf", 1.1, "Zipf exponent of the categorical values (> 1).")
 LOG_EVERY = flags.DEFINE_integer("log_every", 10, "Steps per log window of the timed trainer run.")
 WINDOWS = flags.DEFINE_integer("windows", 3, "Timed log windows after the first (which holds the compilation).")
-REPS = flags.DEFINE_integer("reps", 10, "Repeats of each timed part of the split (the best counts, as in step_breakdown.best_ms).")
+REPS = flags.DEFINE_integer("reps", 10, "Repeats of each timed part of the split (the best counts, as in "
+                            "step_breakdown.best_ms).")  # fmt: skip
 PHASES = flags.DEFINE_boolean("phases", True, "Measure the step split after the trainer run.")
 TOP_OPS = flags.DEFINE_integer("top_ops", 12, "With --phases: profile one whole step (jax.profiler) and print its "
                                "costliest ops, summed by name (0: no profile).")  # fmt: skip
@@ -504,7 +505,8 @@ LEGEND = ("examples/s: ctr.trainer.train's log windows after the first; x 0.5M/s
           "batch / examples/s; device step: the trainer's jitted step alone on one batch, no input; lookup, dense "
           "(fwd + bwd + dense optimizer), update (sparse optimizer): trainer.step_phases, each jitted alone; input: "
           "trainer.device_inputs alone, per batch (a background thread in training); peak: the cell process's "
-          "peak_bytes_in_use; timings are the best of --reps. MLPerf cells are one-hot (26 ids per example; MLPerf's multi-hot: 214).")
+          "peak_bytes_in_use; timings are the best of --reps. MLPerf cells are one-hot (26 ids per example; MLPerf's "
+          "multi-hot: 214).")
 
 
 def _fmt(value, spec: str, scale: float = 1.0) -> str:

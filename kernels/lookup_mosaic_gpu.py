@@ -90,7 +90,8 @@ def gather_rows_mosaic_gpu(
     """
     if interpret:
         raise NotImplementedError("the Mosaic GPU lookup kernel has no interpret mode (jax 0.10.2's Mosaic GPU "
-                                  'interpreter has no barriers): use backend="gpu" (Triton) with interpret=True')  # fmt: skip
+                                  'interpreter has no barriers): use backend="gpu" (Triton) with '
+                                  "interpret=True")  # fmt: skip
     rows_per_program = rows_per_program or rows_per_program_for(table.shape[1] * table.dtype.itemsize)
     check_supported(table.shape, table.dtype, rows_per_program)
     (num_ids,) = ids.shape
