@@ -63,11 +63,14 @@ class Checkpointer:
       keep: number of checkpoints kept.
       table_rows: ``{table name: logical rows}`` (the rows lookups address, without alignment padding) of the
         ``tables`` / ``table_slots`` entries of the saved state; None: no table padding is known.
+      enabled: False saves nothing, not even at the end or on SIGTERM, so the run cannot resume (throughput
+        benchmarks, whose tables of tens of GB would take longer to save than to train on).
     """
 
     def __init__(self, directory: str, every_steps: int = 1000, keep: int = 3,
-                 table_rows: Mapping[str, int] | None = None):  # fmt: skip
-        self.every_steps = every_steps
+                 table_rows: Mapping[str, int] | None = None, enabled: bool = True):  # fmt: skip
+        self.every_steps = every_steps if enabled else 0
+        self.enabled = enabled
         self._directory = os.fspath(paths.resolve(directory))  # a gs:// URI stays one; orbax writes there
         self._table_rows = dict(table_rows or {})
         self._manager = ocp.CheckpointManager(
@@ -83,6 +86,8 @@ class Checkpointer:
         return self.every_steps > 0 and step % self.every_steps == 0
 
     def save(self, step: int, state: Any, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         rows = _leaf_rows(state, self._table_rows)
         record = {**record, _CHECKSUMS: checksums(state, rows)}
         if rows:

@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import gin
 import jax
@@ -42,30 +42,55 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the last checkpoint (saved before it happened) is kept."""
 
 
-def make_train_step(module: CTRModule, tx: optax.GradientTransformation, sparse_optimizer: sparse_optim.SparseOptimizer,
-                    shardings: Shardings, mesh: jax.sharding.Mesh) -> Callable:  # fmt: skip
-    """The jitted step ``(state, device batch, ids) -> (state, loss)``; the state is donated."""
+class StepPhases(NamedTuple):
+    """The three parts a train step is made of, as :func:`make_train_step` composes them (benchmarks jit each
+    alone to time it: ``benchmarks/gpu_throughput.py``).
+
+    Attributes:
+      lookup: ``(tables, ids) -> rows``, outside autodiff.
+      dense: ``(params, opt_state, rows, batch, dropout_rng) -> (loss, params, opt_state, row grads)``: the
+        model's forward and backward pass and the optax update of the dense parameters.
+      update: ``(tables, slots, ids, row grads, step) -> (tables, slots)``: the sparse optimizer on the rows
+        the lookups touched.
+    """
+
+    lookup: Callable
+    dense: Callable
+    update: Callable
+
+
+def step_phases(module: CTRModule, tx: optax.GradientTransformation,
+                sparse_optimizer: sparse_optim.SparseOptimizer) -> StepPhases:  # fmt: skip
+    """The parts of the train step (see :class:`StepPhases`)."""
     collection, network = module.collection, module.network
 
-    def train_step(state: TrainState, batch: Batch, ids: Batch) -> tuple[TrainState, jax.Array]:
-        dropout_rng = jax.random.fold_in(state.rng, state.step)
-        rows = collection.read_rows(state.tables, ids)
-
+    def dense(params, opt_state, rows, batch, dropout_rng):
         def loss_fn(params, rows):
             outputs = module.apply({"params": params}, rows, batch, train=True, rngs={"dropout": dropout_rng})
             return network.loss(outputs, batch[schema_lib.LABEL])
 
-        loss, (g_params, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(state.params, rows)
-        updates, opt_state = tx.update(g_params, state.opt_state, state.params)
-        tables, slots = collection.sparse_update(
-            state.tables, state.table_slots, ids, g_rows, sparse_optimizer, state.step
-        )
+        loss, (g_params, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, rows)
+        updates, opt_state = tx.update(g_params, opt_state, params)
+        return loss, optax.apply_updates(params, updates), opt_state, g_rows
+
+    def update(tables, slots, ids, g_rows, step):
+        return collection.sparse_update(tables, slots, ids, g_rows, sparse_optimizer, step)
+
+    return StepPhases(lookup=collection.read_rows, dense=dense, update=update)
+
+
+def make_train_step(module: CTRModule, tx: optax.GradientTransformation, sparse_optimizer: sparse_optim.SparseOptimizer,
+                    shardings: Shardings, mesh: jax.sharding.Mesh) -> Callable:  # fmt: skip
+    """The jitted step ``(state, device batch, ids) -> (state, loss)``; the state is donated."""
+    phases = step_phases(module, tx, sparse_optimizer)
+
+    def train_step(state: TrainState, batch: Batch, ids: Batch) -> tuple[TrainState, jax.Array]:
+        dropout_rng = jax.random.fold_in(state.rng, state.step)
+        rows = phases.lookup(state.tables, ids)
+        loss, params, opt_state, g_rows = phases.dense(state.params, state.opt_state, rows, batch, dropout_rng)
+        tables, slots = phases.update(state.tables, state.table_slots, ids, g_rows, state.step)
         new_state = state.replace(
-            step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
-            opt_state=opt_state,
-            tables=tables,
-            table_slots=slots,
+            step=state.step + 1, params=params, opt_state=opt_state, tables=tables, table_slots=slots
         )
         return new_state, loss
 
@@ -149,7 +174,7 @@ def train(
                writer=RunWriter(run_dir, start_step, num_steps) if lead else None, progress=progress,
                start_step=start_step, devices=mesh.size)  # fmt: skip
     examples_seen = int(record["examples_seen"])
-    inputs = _device_inputs(dataset, collection, mesh, rules, batch_size, start_step, seed)
+    inputs = device_inputs(dataset, collection, mesh, rules, batch_size, start_step, seed)
     prefetch = Prefetcher(inputs) if start_step < num_steps else None
     window = _LossWindow(step)
     try:
@@ -213,7 +238,7 @@ def _restore(ckpt: checkpointing.Checkpointer, state: TrainState, run_dir: str, 
     return state, record
 
 
-def _device_inputs(dataset, collection, mesh, rules, batch_size: int, start_step: int, seed: int):
+def device_inputs(dataset, collection, mesh, rules, batch_size: int, start_step: int, seed: int):
     """(device batch, ids) of every step from ``start_step`` on, as global arrays (run on the input thread)."""
     for host_batch in dataset.train_batches(batch_size, start_step, seed, jax.process_index(), jax.process_count()):
         yield (

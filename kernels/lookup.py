@@ -9,6 +9,8 @@ float32 pooling) and of `kernels.oob` (out-of-range ids). Backends:
   dtype the kernels do not support (anything but float32/bfloat16) always use XLA.
 - "tpu" | "gpu" | "xla": force one path; with `interpret=True` (or, for "tpu", `pltpu.InterpretParams(...)`)
   the kernels run in the Pallas interpreter on CPU.
+- "mosaic_gpu": the row gather through Pallas' Mosaic GPU lowering (`kernels.lookup_mosaic_gpu`: TMA, Hopper
+  and newer, rows of a multiple of 128 bytes; no interpret mode); pooled lookups stay on the Triton kernel.
 
 Gradient (`jax.custom_vjp`): the table cotangent is a scatter-add of the output cotangent into the rows that
 were read (duplicates summed in float32, then cast to the table's dtype; "zero"-policy and zero-weight slots
@@ -36,16 +38,17 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import dedupe, lookup_gpu, lookup_tpu
+from kernels import dedupe, lookup_gpu, lookup_mosaic_gpu, lookup_tpu
 from kernels.bags import SubBags, dense_subbags, ragged_subbags, subbag_width
 from kernels.lookup_reference import COMBINERS, Combiner, lookup_reference, mean_from_sums
 from kernels.oob import OOB_POLICIES, OobPolicy, check_in_range, resolve_ids
 
-Backend = Literal["auto", "tpu", "gpu", "xla"]
-BACKENDS: tuple[str, ...] = ("auto", "tpu", "gpu", "xla")
+Backend = Literal["auto", "tpu", "gpu", "mosaic_gpu", "xla"]
+BACKENDS: tuple[str, ...] = ("auto", "tpu", "gpu", "mosaic_gpu", "xla")
 _KERNELS = {
     "tpu": (lookup_tpu.gather_rows_tpu, lookup_tpu.pooled_rows_tpu),
     "gpu": (lookup_gpu.gather_rows_gpu, lookup_gpu.pooled_rows_gpu),
+    "mosaic_gpu": (lookup_mosaic_gpu.gather_rows_mosaic_gpu, lookup_gpu.pooled_rows_gpu),
 }
 
 
@@ -57,7 +60,7 @@ class _Spec:
     combiner: Combiner | None
     num_bags: int  # S; 0 for a row gather
     dense: bool  # pooled over axis 1 of [B, L] ids (else ragged with bag ids, or a row gather)
-    backend: str  # "auto", "tpu", "gpu" or "xla" after dtype resolution
+    backend: str  # "auto", "tpu", "gpu", "mosaic_gpu" or "xla" after dtype resolution
     interpret: bool | pltpu.InterpretParams
     oob: Literal["clamp", "zero"]
 
@@ -112,7 +115,7 @@ def lookup(
       weights: optional per-slot weights shaped like `ids` (pooled only); a 0 weight marks a padding slot.
       segment_ids: [N] bag of each id, for ragged bags (pooled only); ids outside [0, num_segments) are dropped.
       num_segments: static number of ragged bags S (required with `segment_ids`).
-      backend: "auto", "tpu", "gpu" or "xla" (see the module docstring).
+      backend: "auto", "tpu", "gpu", "mosaic_gpu" or "xla" (see the module docstring).
       interpret: run a forced kernel backend in the Pallas interpreter on CPU; for "tpu" this may be a
         `pltpu.InterpretParams`.
       oob: out-of-range id policy, "clamp", "zero" or "error" (see `kernels.oob`).
@@ -214,7 +217,7 @@ def _canonicalize(
 
 def _resolve_backend(backend: Backend, dtype: jnp.dtype) -> str:
     supported = jnp.dtype(dtype) in lookup_tpu.SUPPORTED_DTYPES
-    if backend in ("tpu", "gpu") and not supported:
+    if backend in _KERNELS and not supported:
         raise ValueError(f"the {backend} lookup kernel supports float32 and bfloat16 tables, got {dtype}")
     return "xla" if backend == "auto" and not supported else backend
 

@@ -30,6 +30,8 @@ class DCNv2(FeatureModel):
       cross_rank: None for full-rank cross layers, else the rank of the low-rank form (and of each expert).
       num_experts: 1 for plain cross layers; more for the mixture of low-rank experts (needs ``cross_rank``).
       mlp: hidden widths of the deep network.
+      bottom_mlp: hidden widths of an MLP (activated throughout) that the dense features go through before
+        they join the embeddings, as in MLPerf's DLRM-DCNv2 (512-256-128); empty: the raw dense features join.
       structure: ``"stacked"`` (cross -> MLP) or ``"parallel"`` (cross and MLP side by side, concatenated).
       activation: MLP (and expert) activation name.
       dropout: MLP dropout.
@@ -42,6 +44,7 @@ class DCNv2(FeatureModel):
     num_experts: int = 1
     mlp: Sequence[int] = (400, 400, 400)
     structure: str = "stacked"
+    bottom_mlp: Sequence[int] = ()
 
     @nn.compact
     def __call__(self, inputs: ModelInputs, *, train: bool = False) -> jax.Array:
@@ -51,6 +54,9 @@ class DCNv2(FeatureModel):
             raise ValueError("DCNv2 with num_experts > 1 needs a cross_rank (the experts are low-rank)")
         dtype = jnp.dtype(self.dtype)
         act = activation_fn(self.activation)
+        if self.bottom_mlp and inputs.dense is not None:
+            bottom = MLP(self.bottom_mlp, act, dtype=dtype, name="bottom_mlp")(inputs.dense.astype(dtype))
+            inputs = inputs.replace(dense=bottom)
         x0 = flat_features(inputs, self.pool_sequences).astype(dtype)
         x = x0
         for i in range(self.num_cross_layers):

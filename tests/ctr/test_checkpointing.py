@@ -72,6 +72,14 @@ def test_keeps_only_the_newest(tmp_path):
     assert ckpt.due(10) and not ckpt.due(11)
 
 
+def test_disabled_checkpointer_saves_nothing(tmp_path):
+    ckpt = checkpointing.Checkpointer(str(tmp_path / "ckpt"), every_steps=1, enabled=False)
+    assert not ckpt.due(1)
+    ckpt.save(1, _state(_mesh(8, 1)), {"examples_seen": 0})
+    ckpt.close()
+    assert ckpt.latest_step() is None and not glob.glob(str(tmp_path / "ckpt" / "*"))
+
+
 def test_checksums_do_not_depend_on_the_sharding_and_see_one_changed_bit():
     state = _state(_mesh(8, 1))
     moved = jax.device_put(state.tables["t"], NamedSharding(_mesh(2, 4), P("model", None)))

@@ -377,3 +377,32 @@ def test_kernels_inside_shard_map():
     assert_equal(pooled(table, ids), expected.sum(axis=2))
     for platform in _CUSTOM_CALL:
         assert _CUSTOM_CALL[platform] in pooled.trace(table, ids).lower(lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_mosaic_gpu_gather_lowers_and_exports_for_cuda_without_hardware(dtype):
+    """The Mosaic GPU row gather (and its gradient) lowers for CUDA on this CPU-only jaxlib, and, unlike the
+    Triton kernel, `jax.export` accepts it (the SavedModel path); it runs only on a GPU (test_lookup_on_device)."""
+    table = jnp.zeros((1000, 128), dtype)
+    ids = jnp.zeros((5, 60), jnp.int32)  # 300 ids: not a multiple of the 128 rows per program
+
+    def loss(t):
+        return jnp.sum(lookup(t, ids, backend="mosaic_gpu").astype(jnp.float32))
+
+    assert "mosaic_gpu_v2" in _lowered_text(jax.value_and_grad(loss), "cuda", table)
+    exported = jax.export.export(jax.jit(lambda t, i: lookup(t, i, backend="mosaic_gpu")), platforms=["cuda"])(
+        table, ids)  # fmt: skip
+    assert exported.out_avals[0].shape == (5, 60, 128) and exported.serialize()
+    with pytest.raises(Exception, match="(?i)triton"):  # what mosaic_gpu is for: Triton calls do not export
+        jax.export.export(jax.jit(lambda t, i: lookup(t, i, backend="gpu")), platforms=["cuda"])(table, ids)
+
+
+def test_mosaic_gpu_rejects_what_it_cannot_copy():
+    with pytest.raises(ValueError, match="multiple of 128 bytes.*D=48 is 192 bytes"):
+        lookup(jnp.zeros((100, 48)), jnp.zeros((4,), jnp.int32), backend="mosaic_gpu")
+    with pytest.raises(ValueError, match="float32 and bfloat16"):
+        lookup(jnp.zeros((100, 128), jnp.float16), jnp.zeros((4,), jnp.int32), backend="mosaic_gpu")
+    with pytest.raises(NotImplementedError, match="interpret"):
+        lookup(jnp.zeros((100, 128)), jnp.zeros((4,), jnp.int32), backend="mosaic_gpu", interpret=True)
+    with pytest.raises(ValueError, match="exceeds .* shared memory"):  # 32 rows of 8 KiB
+        lookup(jnp.zeros((100, 2048)), jnp.zeros((4,), jnp.int32), backend="mosaic_gpu")

@@ -87,3 +87,27 @@ def test_auto_runs_the_kernel_on_this_device():
     hlo = auto.lower(table, ids).as_text()
     assert ("triton" if PLATFORM == "gpu" else "tpu_custom_call") in hlo.lower()
     assert_equal(auto(table, ids), table[ids])
+
+
+@pytest.mark.skipif(PLATFORM != "gpu", reason="the Mosaic GPU kernel is for NVIDIA GPUs (Hopper and newer)")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("dim", [32, 64, 128, 512])
+def test_mosaic_gpu_row_gather_equals_reference(dim, dtype):
+    """`backend="mosaic_gpu"` (TMA row copies) for every row size it takes (a multiple of 128 bytes), with
+    out-of-range ids read as zero rows (past the table's end) and duplicates, and its gradient."""
+    BACKEND = "mosaic_gpu"
+    if dim * jnp.dtype(dtype).itemsize % 128:
+        pytest.skip("rows of a multiple of 128 bytes only")
+    rng = rng_for("mosaic_gpu", dim, jnp.dtype(dtype).name)
+    table = dyadic_table(rng, 50_000, dim, dtype)
+    ids = jnp.asarray(rng.integers(0, 50_000, (333, 7)), jnp.int32)
+    mosaic = jax.jit(lambda t, i: lookup(t, i, backend=BACKEND))
+    assert "mosaic_gpu" in mosaic.lower(table, ids).as_text()
+    assert_equal(mosaic(table, ids), jax.jit(lookup_reference)(table, ids))
+    edges = jnp.asarray(np.concatenate([np.full(64, 7), rng.integers(-5, 50_005, 1000)]), jnp.int32)
+    zero = jax.jit(lambda t, i: lookup(t, i, backend=BACKEND, oob="zero"))
+    assert_equal(zero(table, edges), jax.jit(lambda t, i: lookup_reference(t, i, oob="zero"))(table, edges))
+    cotangent = jnp.asarray(rng.integers(-4, 5, (333, 7, dim)) / 4, jnp.float32)
+    grad = jax.jit(jax.grad(lambda t: jnp.sum(lookup(t, ids, backend=BACKEND).astype(jnp.float32) * cotangent)))
+    reference = jax.jit(jax.grad(lambda t: jnp.sum(lookup_reference(t, ids).astype(jnp.float32) * cotangent)))
+    assert_equal(grad(table), reference(table.astype(jnp.float32)).astype(dtype))

@@ -203,3 +203,22 @@ def test_aligned_projections_map_one_table_to_one_token():
         layer = FeatureTokens(8, aligned_projections=aligned)
         tokens = layer.apply(layer.init(jax.random.key(0), inputs), inputs)
         assert np.allclose(tokens[:, 0], tokens[:, 1]) == aligned
+
+
+def test_dcnv2_bottom_mlp_feeds_the_dense_features_through_relu_layers():
+    inputs = make_inputs(sequences=False)
+    model = tiny_model("dcnv2", bottom_mlp=(6, 5), cross_rank=4)
+    params = host_init(model, inputs)["params"]
+    bottom = params["bottom_mlp"]
+    assert bottom["dense_0"]["kernel"].shape == (3, 6) and bottom["dense_1"]["kernel"].shape == (6, 5)
+    assert params["cross_0"]["v"]["kernel"].shape == (8 + 8 + 4 + 5, 4)  # embeddings + the bottom output
+    # Reference: the same model without a bottom MLP, fed numpy's ReLU MLP of the dense features.
+    h = np.asarray(inputs.dense)
+    for layer in ("dense_0", "dense_1"):
+        h = np.maximum(h @ np.asarray(bottom[layer]["kernel"]) + np.asarray(bottom[layer]["bias"]), 0.0)
+    plain = tiny_model("dcnv2", cross_rank=4)
+    rest = {k: v for k, v in params.items() if k != "bottom_mlp"}
+    expected = plain.apply({"params": rest}, inputs.replace(dense=jnp.asarray(h, jnp.float32)))
+    np.testing.assert_allclose(model.apply({"params": params}, inputs), expected, rtol=1e-5, atol=1e-6)
+    without_dense = param_shapes(model, make_inputs(sequences=False, dense=False))
+    assert "bottom_mlp" not in without_dense
