@@ -63,8 +63,8 @@ class LookupOptions:
     Attributes:
       path: ``"xla"`` (auto-partitioned) or ``"shard_map"`` (explicit all-to-all routing); see module doc.
       local_gather: gather from a local table (one device, or a shard inside ``shard_map``): ``"take"``
-        (``jnp.take``) or ``"kernel"`` (``kernels.lookup.lookup``). The XLA path on a sharded table always uses
-        XLA's gather.
+        (``jnp.take``) or ``"kernel"`` (``kernels.lookup.lookup``; ``shard_map`` path only, as the XLA path on
+        a placed table always uses XLA's gather).
       kernel_backend: ``backend`` argument of ``kernels.lookup.lookup``.
       kernel_interpret: run the Pallas kernel in interpret mode (CPU tests).
       capacity_factor: ``shard_map`` per-destination capacity, in multiples of an even split of a device's
@@ -89,6 +89,11 @@ class LookupOptions:
                 raise ValueError(f"LookupOptions.{name} must be one of {allowed}, got {value!r}")
         if self.capacity_factor < 1:
             raise ValueError(f"LookupOptions.capacity_factor must be >= 1, got {self.capacity_factor}")
+        if self.local_gather == "kernel" and self.path == "xla":
+            # The trainer always places tables on its mesh, where the XLA path reads through XLA's gather: the
+            # kernel would silently never run.
+            raise ValueError("LookupOptions.local_gather = 'kernel' is read only on the shard_map path: also set "
+                             "LookupOptions.path = 'shard_map'")
 
 
 @dataclasses.dataclass(frozen=True)

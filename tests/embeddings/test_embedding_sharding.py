@@ -174,6 +174,8 @@ def test_options_and_placement_are_validated():
         table_placement.LookupOptions(path="magic")
     with pytest.raises(ValueError, match="capacity_factor"):
         table_placement.LookupOptions(capacity_factor=0.5)
+    with pytest.raises(ValueError, match="shard_map path"):
+        table_placement.LookupOptions(local_gather="kernel")  # the XLA path would never call it
     mesh = jax.make_mesh((8, 1), ("data", "model"), axis_types=(AUTO, AUTO))
     with pytest.raises(ValueError, match="not axes of the mesh"):
         table_placement.Placement(mesh, ("rows",))
