@@ -121,7 +121,7 @@ TRAIN_ROWS = flags.DEFINE_integer("train_rows", None, "Rows of the synthetic tra
 ZIPF = flags.DEFINE_float("zipf", 1.1, "Zipf exponent of the categorical values (> 1).")
 LOG_EVERY = flags.DEFINE_integer("log_every", 10, "Steps per log window of the timed trainer run.")
 WINDOWS = flags.DEFINE_integer("windows", 3, "Timed log windows after the first (which holds the compilation).")
-REPS = flags.DEFINE_integer("reps", 10, "Repeats of each timed part of the split (the best counts, as in "
+REPS = flags.DEFINE_integer("reps", 10, "Repeats of each timed part of the split (the best counts, "
                             "step_breakdown.best_ms).")  # fmt: skip
 PHASES = flags.DEFINE_boolean("phases", True, "Measure the step split after the trainer run.")
 TOP_OPS = flags.DEFINE_integer("top_ops", 12, "With --phases: profile one whole step (jax.profiler) and print its "
@@ -251,17 +251,6 @@ def cell_setup(name: str, settings: Settings):
 
 
 # -- one cell ---------------------------------------------------------------------------------------------------
-def best_ms(f, n: int) -> float:
-    """The fewest milliseconds of ``n`` calls of ``f()`` (which blocks until its work is done): the least
-    disturbed by whatever else the machine runs."""
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return 1000 * min(times)
-
-
 def top_ops(run: Callable[[], None], top: int) -> list[dict]:
     """The ``top`` costliest op names of one call of ``run`` under ``jax.profiler``: complete events summed by
     name, on a GPU those of its streams (kernels), elsewhere all but the Python tracer's; the share is of all
@@ -401,6 +390,10 @@ def run_cell(name: str, settings: Settings) -> dict:
           flush=True)  # fmt: skip
 
     if PHASES.value:
+        from benchmarks import step_breakdown
+
+        # Each timed function is already compiled and warmed below; the calls move state, so no extra warm-up.
+        best_ms = functools.partial(step_breakdown.best_ms, repeats=settings.reps, warmup=False)
         mesh, rules, collection, module, tx, sparse_optimizer = trainer_objects(dataset)
         state, shardings = train_state_lib.build(dataset, collection, module, tx, sparse_optimizer, mesh, rules,
                                                  SEED.value)  # fmt: skip
@@ -412,7 +405,7 @@ def run_cell(name: str, settings: Settings) -> dict:
         host_ids = collection.host_ids(host)
         distinct = sum(len(np.unique(v)) for v in host_ids.values())
         result["distinct_ids"] = distinct / sum(v.size for v in host_ids.values())
-        result["input_ms"] = best_ms(lambda: jax.block_until_ready(next(inputs)), settings.reps)
+        result["input_ms"] = best_ms(lambda: next(inputs))
 
         step = trainer.make_train_step(module, tx, sparse_optimizer, shardings, mesh)
         holder = {"state": step(state, dev, ids)[0]}
@@ -422,7 +415,7 @@ def run_cell(name: str, settings: Settings) -> dict:
             holder["state"], loss = step(holder["state"], dev, ids)
             jax.block_until_ready(loss)
 
-        result["device_step_ms"] = best_ms(run_step, settings.reps)
+        result["device_step_ms"] = best_ms(run_step)
         if TOP_OPS.value:
             try:
                 result["top_ops"] = top_ops(run_step, TOP_OPS.value)
@@ -437,7 +430,7 @@ def run_cell(name: str, settings: Settings) -> dict:
         update = jax.jit(phases.update, donate_argnums=(0, 1))
         rng = jax.random.fold_in(state.rng, 0)
         rows = jax.block_until_ready(lookup(state.tables, ids))
-        result["lookup_ms"] = best_ms(lambda: jax.block_until_ready(lookup(state.tables, ids)), settings.reps)
+        result["lookup_ms"] = best_ms(lambda: lookup(state.tables, ids))
         holder.update(params=state.params, opt=state.opt_state, tables=state.tables, slots=state.table_slots)
         del state
 
@@ -447,7 +440,7 @@ def run_cell(name: str, settings: Settings) -> dict:
             jax.block_until_ready(loss)
 
         run_dense()
-        result["dense_ms"] = best_ms(run_dense, settings.reps)
+        result["dense_ms"] = best_ms(run_dense)
 
         def run_update():
             holder["tables"], holder["slots"] = update(holder["tables"], holder["slots"], ids, holder["g_rows"],
@@ -455,7 +448,7 @@ def run_cell(name: str, settings: Settings) -> dict:
             jax.block_until_ready(holder["tables"])
 
         run_update()
-        result["update_ms"] = best_ms(run_update, settings.reps)
+        result["update_ms"] = best_ms(run_update)
         holder.clear()
         parts = result["lookup_ms"] + result["dense_ms"] + result["update_ms"]
         result["parts_over_device_step"] = parts / result["device_step_ms"]

@@ -24,9 +24,11 @@ from embeddings import table_placement, sparse_optim
 BATCH, FEATURES, DIM, ROWS = 4096, 24, 16, 44_032
 
 
-def best_ms(f, *args, repeats: int = 5) -> float:
-    """Milliseconds of ``f(*args)``, the best of ``repeats`` calls after a first (compiling) one."""
-    jax.block_until_ready(f(*args))
+def best_ms(f, *args, repeats: int = 5, warmup: bool = True) -> float:
+    """Milliseconds of ``f(*args)`` (its result waited for), the best of ``repeats`` calls after a first
+    (compiling) one; ``warmup=False`` skips that call, for an ``f`` that moves state the caller has warmed up."""
+    if warmup:
+        jax.block_until_ready(f(*args))
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
