@@ -40,6 +40,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels import dedupe, lookup_gpu, lookup_mosaic_gpu, lookup_tpu
 from kernels.bags import SubBags, dense_subbags, ragged_subbags, subbag_width
+from kernels.dtypes import KERNEL_DTYPES, check_table_dtype
 from kernels.lookup_reference import COMBINERS, Combiner, lookup_reference, mean_from_sums
 from kernels.oob import OOB_POLICIES, OobPolicy, check_in_range, resolve_ids
 
@@ -216,9 +217,9 @@ def _canonicalize(
 
 
 def _resolve_backend(backend: Backend, dtype: jnp.dtype) -> str:
-    supported = jnp.dtype(dtype) in lookup_tpu.SUPPORTED_DTYPES
-    if backend in _KERNELS and not supported:
-        raise ValueError(f"the {backend} lookup kernel supports float32 and bfloat16 tables, got {dtype}")
+    supported = jnp.dtype(dtype) in KERNEL_DTYPES
+    if backend in _KERNELS:
+        check_table_dtype(dtype, backend)
     return "xla" if backend == "auto" and not supported else backend
 
 

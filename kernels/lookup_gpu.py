@@ -28,9 +28,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from kernels.dtypes import check_table_dtype
 from kernels.vma import varying_struct
 
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 # Tile sizes and warps per program, from a sweep on an H200 (benchmarks/RESULTS.md). Row gather: [rows, D]
 # tiles of 2048 values at 4 warps beat 4096 by 8% at 128-byte rows (more programs keep more rows in flight).
 # Pooled: W loads of [bags, D] tiles of 1024 values at 8 warps, 8-30% faster than 2048 at 4 warps (a program
@@ -86,11 +86,6 @@ def _pooled_kernel(ids_ref, weights_ref, table_ref, out_ref, *, bags: int, width
         _store_rows(out_ref, pl.program_id(0) * bags, acc, offset)
 
 
-def _check_dtype(table: jax.Array) -> None:
-    if table.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"the GPU lookup kernel supports float32 and bfloat16 tables, got {table.dtype}")
-
-
 def _rows_per_program(num_rows: int, dim: int, block_elements: int) -> int:
     per_program = max(1, block_elements // _next_pow2(dim))
     return min(_next_pow2(per_program + 1) // 2, _next_pow2(num_rows))
@@ -117,7 +112,7 @@ def gather_rows_gpu(
     Returns:
       [N, D] rows, dtype of the table.
     """
-    _check_dtype(table)
+    check_table_dtype(table.dtype, "GPU")
     (num_ids,) = ids.shape
     dim = table.shape[1]
     if num_ids == 0:
@@ -163,7 +158,7 @@ def pooled_rows_gpu(
     Returns:
       [P, D] float32: `out[p] = sum_l weights[p, l] * table[ids[p, l]]`.
     """
-    _check_dtype(table)
+    check_table_dtype(table.dtype, "GPU")
     num_subbags, width = ids.shape
     if width != _next_pow2(width):
         raise ValueError(f"the GPU pooled kernel needs a power-of-two sub-bag width, got {width}")

@@ -28,9 +28,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels.dtypes import check_table_dtype
 from kernels.vma import varying_struct
 
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 ROW_BYTES_MULTIPLE = 128
 MAX_ROWS_PER_PROGRAM = 128  # copies in flight per program
 TILE_BYTES = 96 << 10  # shared memory per program's tile: two programs fit an SM's 227 KiB
@@ -44,9 +44,8 @@ def rows_per_program_for(row_bytes: int) -> int:
 
 def check_supported(table_shape: tuple[int, ...], dtype, rows_per_program: int) -> None:
     """Raises ValueError naming the constraint a [V, D] table of ``dtype`` (or the tile size) breaks."""
+    check_table_dtype(dtype, "Mosaic GPU")
     dtype = jnp.dtype(dtype)
-    if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"the Mosaic GPU lookup kernel supports float32 and bfloat16 tables, got {dtype}")
     row_bytes = table_shape[1] * dtype.itemsize
     if row_bytes % ROW_BYTES_MULTIPLE:
         raise ValueError(f"the Mosaic GPU lookup kernel needs rows of a multiple of {ROW_BYTES_MULTIPLE} bytes; "

@@ -24,9 +24,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels.dtypes import check_table_dtype
 from kernels.vma import varying_struct
 
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 MAX_IDS_PER_CALL = 32768  # 128 KiB of int32 ids in SMEM per call
 _BLOCK_BYTES = 128 * 1024  # target bytes of rows per grid step (one of the two buffer slots)
 _MAX_ROWS_PER_STEP = 512
@@ -161,11 +161,6 @@ def _pooled_kernel(ids_smem, weights_ref, table_hbm, out_ref, buffer, sems, *, b
     out_ref[...] = acc
 
 
-def _check_dtype(table: jax.Array) -> None:
-    if table.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"the TPU lookup kernel supports float32 and bfloat16 tables, got {table.dtype}")
-
-
 @functools.partial(jax.jit, static_argnames=("interpret", "max_ids_per_call"))
 def gather_rows_tpu(
     table: jax.Array, ids: jax.Array, *, interpret: Interpret = False, max_ids_per_call: int = MAX_IDS_PER_CALL
@@ -181,7 +176,7 @@ def gather_rows_tpu(
     Returns:
       [N, D] rows, dtype of the table.
     """
-    _check_dtype(table)
+    check_table_dtype(table.dtype, "TPU")
     (num_ids,) = ids.shape
     dim = table.shape[1]
     if num_ids == 0:
@@ -236,7 +231,7 @@ def pooled_rows_tpu(
     Returns:
       [P, D] float32: `out[p] = sum_l weights[p, l] * table[ids[p, l]]`.
     """
-    _check_dtype(table)
+    check_table_dtype(table.dtype, "TPU")
     num_subbags, width = ids.shape
     dim = table.shape[1]
     if num_subbags == 0:
