@@ -88,6 +88,7 @@ class DHENetwork(nn.Module):
     activation: str = "mish"
     normalization: str = "layer"
     dtype: str = "float32"
+    centred: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -97,6 +98,8 @@ class DHENetwork(nn.Module):
             if self.normalization == "layer":
                 x = nn.LayerNorm(dtype=self.dtype, name=f"norm_{i}")(x)
             x = act(x)
+            if self.centred:
+                x = x - x.mean(axis=-1, keepdims=True)
         return nn.Dense(self.out_dim, dtype=self.dtype, name="out")(x)
 
 
@@ -122,6 +125,10 @@ class DeepHashEmbedding:
       budget_bytes: if set, all hidden layers get one common width, the largest whose float32 network
         parameters (all networks) fit this budget.
       dtype: dtype of the encoding and the network's computation (parameters stay float32).
+      centred: subtract each hidden layer's mean over its units after the activation. Mish and ReLU outputs
+        share a positive mean, which the next layer turns into per-unit offsets and the output layer into one
+        vector common to every id's embedding (with ``shared``, to every feature's); dot-product interactions
+        (DHEN, DLRM) then read mostly that constant.
       distinct_fraction: run the networks of features read by sequences once per distinct id of the batch,
         with room for this fraction of their ids being distinct (see the module docstring); None: once per
         occurrence.
@@ -137,6 +144,7 @@ class DeepHashEmbedding:
     shared: bool = False
     budget_bytes: int | None = None
     dtype: str = "float32"
+    centred: bool = False
     distinct_fraction: float | None = None
     min_slots: int = 4096
 
@@ -281,7 +289,8 @@ class DHEPart:
         for spec in self.specs:
             name = _network_name(self.family, spec, c.shared)
             if name not in networks:
-                networks[name] = DHENetwork(self.hidden, spec.dim, c.activation, c.normalization, c.dtype, name=name)
+                networks[name] = DHENetwork(self.hidden, spec.dim, c.activation, c.normalization, c.dtype, c.centred,
+                                            name=name)
             if _distinct_key(spec) in rows:
                 distinct = networks[name](rows[_distinct_key(spec)])  # [slots, dim]
                 for source in spec.inputs:

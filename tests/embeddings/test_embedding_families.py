@@ -259,6 +259,23 @@ def test_dhe_parameter_count_matches_flax(shared, normalization):
     assert len(dhe_params) == expected_networks
 
 
+@pytest.mark.parametrize("activation", ["mish", "relu"])
+def test_dhe_centred_has_no_vector_common_to_every_id(activation):
+    """Mish and ReLU outputs have a positive mean, so an uncentred network gives every id's embedding one shared
+    vector (the cause of a DHEN tower's collapse, benchmarks/RESULTS.md); centring the hidden layers removes it."""
+    words = jnp.asarray(hashing.words_np(np.random.default_rng(3).integers(0, 2**63 - 1, 2000)))
+    x = dhe_lib.encode(words, hashing.salt("user"), 256, "uniform")
+
+    def common_share(centred):
+        net = dhe_lib.DHENetwork((128, 128), 16, activation, "layer", centred=centred)
+        e = np.asarray(net.apply(net.init(jax.random.key(0), x), x), np.float64)
+        common = e.mean(axis=0)
+        return (common**2).sum() / ((e - common) ** 2).sum(axis=1).mean()
+
+    assert common_share(False) > 0.05
+    assert common_share(True) < 0.01
+
+
 def test_dhe_budget_picks_the_widest_fitting_network():
     budget = 200_000
     col = build_collection(SCHEMA, families={"dhe": DeepHashEmbedding(k=64, hidden=(0, 0), budget_bytes=budget)}, default_dim=8)
