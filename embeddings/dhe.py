@@ -14,10 +14,10 @@ them into 16-bit limbs). Two distinct ids share an encoding only if all ``k`` co
 ``k = 1024`` has probability ``2**-16384``: the encoding is a unique identifier, for ids never seen in
 training too.
 
-Decoder: ``Dense -> [LayerNorm] -> activation`` per hidden layer, then a linear ``Dense`` to the feature's
-width (Flax default init: LeCun-normal kernels, zero biases). The paper uses batch normalisation and Mish; the
-collection's ``combine`` has no train/eval switch or mutable statistics, so normalisation here is ``"layer"``
-or ``"none"``. Each feature gets its own network (as in the paper) unless ``shared=True``, where features of
+Decoder: ``Dense -> [LayerNorm] -> activation [-> minus its mean over units]`` per hidden layer (``centred``), then a
+linear ``Dense`` to the feature's width (Flax default init: LeCun-normal kernels, zero biases). The paper uses
+batch normalisation and Mish; the collection's ``combine`` has no train/eval switch or mutable statistics, so
+normalisation here is ``"layer"`` or ``"none"``. Each feature gets its own network (as in the paper) unless ``shared=True``, where features of
 equal width share one network and are told apart by their hash salts (feature multiplexing, as in Unified
 Embedding).
 
