@@ -17,9 +17,9 @@ training too.
 Decoder: ``Dense -> [LayerNorm] -> activation [-> minus its mean over units]`` per hidden layer (``centred``), then a
 linear ``Dense`` to the feature's width (Flax default init: LeCun-normal kernels, zero biases). The paper uses
 batch normalisation and Mish; the collection's ``combine`` has no train/eval switch or mutable statistics, so
-normalisation here is ``"layer"`` or ``"none"``. Each feature gets its own network (as in the paper) unless ``shared=True``, where features of
-equal width share one network and are told apart by their hash salts (feature multiplexing, as in Unified
-Embedding).
+normalisation here is ``"layer"`` or ``"none"``. Each feature gets its own network (as in the paper) unless
+``shared=True``, where features of equal width share one network and are told apart by their hash salts (feature
+multiplexing, as in Unified Embedding).
 
 Cost: the encoding is ``[..., k]`` per id (``k = 1024``, batch 4096, 26 features: 436 MB float32), produced by
 one fused elementwise op and consumed by the first matmul; ``dtype="bfloat16"`` halves it. Its compute,
