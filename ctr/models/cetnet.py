@@ -14,6 +14,11 @@ every tower learns from the labels and from the ensemble's prediction.
 
 What the paper leaves open is a gin switch here: the temperature (value, fixed or learned), fusion of
 probabilities or of logits, whether the confidences pass gradients to the towers, and lambda.
+
+Not in the paper: a learned per-tower prior (``learn_prior``), a log-weight added to every example's confidence.
+At a CTR of a few percent the towers' confidences barely differ, so the paper's weights stay near a plain
+average, and an average falls below the better tower when the other is far enough behind. The prior lets the
+fusion lean on the tower whose predictions fit the labels better.
 """
 from __future__ import annotations
 
@@ -36,7 +41,11 @@ def confidence(logits: jax.Array) -> jax.Array:
 
 
 def fuse(
-    tower_logits: jax.Array, temperature: jax.Array | float, mode: str, detach_confidence: bool = False
+    tower_logits: jax.Array,
+    temperature: jax.Array | float,
+    mode: str,
+    detach_confidence: bool = False,
+    prior: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Confidence-weighted fusion of ``tower_logits [B, K]``.
 
@@ -45,12 +54,14 @@ def fuse(
       temperature: softmax temperature (> 0); lower sharpens the weights toward the most confident tower.
       mode: ``"probability"`` (fused ``p = sum w_i sigmoid(z_i)``) or ``"logit"`` (fused ``z = sum w_i z_i``).
       detach_confidence: no gradient through the weights' dependence on the towers.
+      prior: ``[K]`` per-tower log-weights added to every example's ``c / temperature`` (none: zeros).
 
     Returns:
       The fused logit ``[B]`` and the fusion weights ``[B, K]`` (each row sums to one).
     """
     conf = confidence(jax.lax.stop_gradient(tower_logits) if detach_confidence else tower_logits)
-    log_w = jax.nn.log_softmax(conf / temperature, axis=-1)
+    scores = conf / temperature
+    log_w = jax.nn.log_softmax(scores if prior is None else scores + prior, axis=-1)
     weights = jnp.exp(log_w)
     if mode == "logit":
         return (weights * tower_logits).sum(-1), weights
@@ -78,6 +89,14 @@ class CETNet(nn.Module):
       fusion: ``"probability"`` or ``"logit"`` (see :func:`fuse`).
       detach_confidence: stop gradients through the fusion weights, so towers are not rewarded for confidence.
       collab_weight: lambda, the weight of the towers' fit to the (stop-gradient) fused prediction.
+      learn_prior: learn a per-tower log-weight added to the confidences (see :func:`fuse`), so the fusion can
+        lean on the tower that predicts better overall, not only on the one that is more confident on an
+        example. Its only gradient is the fused prediction's loss, and in a one-pass run each batch is unseen
+        when it is scored, so it follows the mixture weights that do best on new data.
+      prior_scale: the prior is ``prior_scale * theta`` with ``theta`` the trained parameter. Adam moves a
+        parameter by about its learning rate per step whatever the gradient's size, so at the dense rate a
+        one-pass run of a few hundred steps could move the prior by ~0.2 at most; the scale lets it reach the
+        weights the data supports within the run.
       dtype: compute dtype given to every tower (``"bfloat16"`` for mixed precision).
     """
 
@@ -87,6 +106,8 @@ class CETNet(nn.Module):
     fusion: str = "probability"
     detach_confidence: bool = False
     collab_weight: float = 1.0
+    learn_prior: bool = False
+    prior_scale: float = 20.0
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -106,7 +127,10 @@ class CETNet(nn.Module):
             temperature = jnp.exp(log_t)
         else:
             temperature = self.temperature
-        fused, weights = fuse(stacked, temperature, self.fusion, self.detach_confidence)
+        prior = None
+        if self.learn_prior:
+            prior = self.prior_scale * self.param("tower_prior", nn.initializers.zeros, (len(names),))
+        fused, weights = fuse(stacked, temperature, self.fusion, self.detach_confidence, prior)
         return {"logits": fused, "tower_logits": tower_logits, "weights": weights}
 
     def logits(self, outputs: dict[str, Any]) -> jax.Array:

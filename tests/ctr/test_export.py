@@ -74,6 +74,7 @@ CASES = {
         # DCNv2 and DHEN towers: with an InterFormer tower, training this case took a third of this file's time
         # (InterFormer, standalone and as a tower, is in the matrix).
         "train.model_name = 'cetnet'", 'CETNet.towers = (("dcnv2", "dcnv2"), ("dhen", "dhen"))',
+        "CETNet.learn_prior = True",  # as the shipped CETNet configs
         "dcnv2/DCNv2.mlp = (16,)", "dhen/DHENModel.dim = 8", "dhen/DHENModel.head = (16,)",
         "train.embedding_fn = @tower_collections",
         'tower_collections.towers = {"dcnv2": @dcnv2/build_collection, "dhen": @dhen/build_collection}',

@@ -111,3 +111,51 @@ def test_detached_confidence_passes_no_gradient_through_the_weights():
     assert not np.allclose(jax.grad(fused_sum)(TOWER_LOGITS, False), weights, rtol=1e-3)
     with pytest.raises(ValueError, match="fusion"):
         fuse(TOWER_LOGITS, 1.0, "geometric")
+
+
+@pytest.mark.parametrize("mode", ["probability", "logit"])
+def test_the_prior_shifts_every_examples_log_weights(mode):
+    prior = jnp.array([0.7, -0.4])
+    weights = fuse(TOWER_LOGITS, 2.0, mode, prior=prior)[1]
+    conf = confidence(TOWER_LOGITS) / 2.0
+    expected = np.exp(conf + prior) / np.exp(conf + prior).sum(-1, keepdims=True)
+    np.testing.assert_allclose(weights, expected, rtol=1e-5)
+    # Only differences between towers matter.
+    np.testing.assert_allclose(fuse(TOWER_LOGITS, 2.0, mode, prior=prior + 5.0)[1], weights, rtol=1e-5)
+
+
+def test_the_learned_prior_moves_toward_the_tower_that_predicts_the_labels():
+    rng = np.random.default_rng(0)
+    truth = rng.normal(0.0, 2.0, 4096)  # tower 0 is the true logit, tower 1 is independent noise
+    y = jnp.asarray(rng.random(4096) < 1 / (1 + np.exp(-truth)), jnp.float32)
+    z = jnp.asarray(np.stack([truth, rng.normal(0.0, 2.0, 4096)], -1), jnp.float32)
+
+    def fused_loss(prior):
+        return optax.sigmoid_binary_cross_entropy(fuse(z, 1.0, "probability", prior=prior)[0], y).mean()
+
+    prior = jnp.zeros(2)
+    for _ in range(200):
+        prior = prior - 1.0 * jax.grad(fused_loss)(prior)
+    assert float(prior[0] - prior[1]) > 1.0
+    assert float(fuse(z, 1.0, "probability", prior=prior)[1][:, 0].mean()) > 0.75
+    assert float(fused_loss(prior)) < float(fused_loss(jnp.zeros(2)))
+
+
+def test_the_learned_prior_is_a_scaled_per_tower_parameter_that_starts_at_zero():
+    towers = (("a", "dlrm"), ("b", "dlrm"))
+    inputs, y = make_inputs(sequences=False), labels()
+    with tiny_towers("DLRM.dim = 8", "DLRM.bottom_mlp = (8,)", "DLRM.top_mlp = (8,)"):
+        model = CETNet(towers=towers, learn_prior=True, prior_scale=3.0)
+        np.testing.assert_array_equal(model.init(jax.random.key(0), inputs)["params"]["tower_prior"], [0.0, 0.0])
+        variables = host_init(model, inputs)
+        variables["params"]["tower_prior"] = jnp.zeros(2)
+        plain = {"params": {k: v for k, v in variables["params"].items() if k != "tower_prior"}}
+        np.testing.assert_allclose(model.apply(variables, inputs)["logits"],
+                                   CETNet(towers=towers).apply(plain, inputs)["logits"], rtol=1e-6)
+        grads = jax.grad(lambda p: model.loss(model.apply({"params": p}, inputs), y))(variables["params"])
+        assert float(jnp.abs(grads["tower_prior"]).sum()) > 0
+        variables["params"]["tower_prior"] = jnp.array([0.5, 0.0])
+        out = model.apply(variables, inputs)
+    stacked = jnp.stack([out["tower_logits"]["a"], out["tower_logits"]["b"]], -1)
+    np.testing.assert_allclose(out["weights"], fuse(stacked, 1.0, "probability", prior=jnp.array([1.5, 0.0]))[1],
+                               rtol=1e-5)
