@@ -13,9 +13,8 @@ vocabulary's, which synthetic data has not got; ``--embeddings=hashed16`` is the
 16-wide tables of 20,000 rows, each CETNet tower its own). ``--steps=0`` is one pass over the training split.
 Reported per mechanism: test AUC, gAUC (per-user AUC weighted by clicks) and logloss per model as mean ± std
 over the seeds, beside the test logloss of predicting the training click rate for every impression (the base
-rate); for CETNet also each tower's own
-metrics and its mean fusion weight on the test split; and the test AUC of the generator's true click logits, the
-ceiling of any model.
+rate); for CETNet also each tower's own metrics and its mean fusion weight on the test split; and the test AUC
+of the generator's true click logits, the ceiling of any model.
 
     PYTHONPATH=. python benchmarks/models_taobao.py --mechanisms=cate_share,brand_recency --seeds=0,1,2
 """
@@ -100,8 +99,8 @@ def main(argv: list[str]) -> None:
             oracle = dict(np.load(oracle_path)) if os.path.exists(oracle_path) else None  # older data: none
             oracle_auc = metrics.auc(oracle["label"], oracle["logit"]) if oracle else float("nan")
             # The base rate as a predictor: the training click rate for every test impression, scored on test.
-            rate, test_rate = float(np.mean(labels)), float(np.mean(test_labels))
-            base_logloss = -(test_rate * np.log(rate) + (1 - test_rate) * np.log(1 - rate))
+            rate = float(np.mean(labels))
+            base_logloss = metrics.logloss(test_labels, np.full(len(test_labels), np.log(rate / (1 - rate))))
             steps = STEPS.value or -(-len(labels) // BATCH.value)
             data = ["train.dataset_fn = @synthetic_taobao", f'synthetic_taobao.data_dir = "{data_dir}"',
                     *(f"synthetic_taobao.{k} = {v!r}" for k, v in gen.items())]  # fmt: skip
@@ -111,7 +110,8 @@ def main(argv: list[str]) -> None:
                 result = train_one(model, data, steps, seed, run_dir)
                 row = dict(model=model, mechanism=mechanism, seed=seed, steps=steps, base_logloss=base_logloss,
                            oracle_auc=oracle_auc,
-                           **{k: result["test"][k] for k in ("auc", "gauc", "logloss", "mean_prediction", "positive_rate")},
+                           **{k: result["test"][k]
+                              for k in ("auc", "gauc", "logloss", "mean_prediction", "positive_rate")},
                            **{k: v for k, v in result["test"].items() if k.startswith("tower/")},
                            train_wall_s=result["train_wall_s"])
                 rows.append(row)

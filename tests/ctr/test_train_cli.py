@@ -69,6 +69,11 @@ def test_cetnet_configs_give_each_tower_its_own_embeddings(dataset):
     families = {name: {part.family for part in c.parts} for name, c in collection.towers}
     # The DHEN towers read tables: on DHE their dots are mostly a constant (benchmarks/RESULTS.md, issue 10).
     assert families == {"interformer": {"unified"}, "dhen": {"per_feature"}}
+
+
+@pytest.mark.parametrize("dataset", ["criteo", "avazu", "taobao"])
+def test_cetnet_configs_learn_the_tower_prior(dataset):
+    train_cli.parse_config([os.path.join(REPO, f"configs/{dataset}_cetnet.gin")], ["PerFeature.vocabularies = None"])
     # A plain confidence fusion fell below the better tower (benchmarks/RESULTS.md, "CETNet's learned tower prior").
     assert gin.query_parameter("CETNet.learn_prior") is True
 
