@@ -14,7 +14,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from ctr import metrics, mesh as mesh_lib
+from ctr import metrics, optimizers, mesh as mesh_lib
 from ctr.data import schema as schema_lib
 from ctr.data.dataset import Dataset
 from ctr.train_state import Batch, CTRModule, Shardings, TrainState, device_batch
@@ -42,7 +42,8 @@ class Evaluator:
 
         def eval_step(state: TrainState, batch: Batch, ids: Batch) -> Any:
             rows = collection.read_rows(state.tables, ids)
-            outputs = module.apply({"params": state.params}, rows, batch, train=False)
+            params = optimizers.eval_params(state.params, state.opt_state)  # the moving average, if kept
+            outputs = module.apply({"params": params}, rows, batch, train=False)
             return (network.logits(outputs), parts(outputs) if parts else {})
 
         self._eval_step = jax.jit(

@@ -164,7 +164,8 @@ def restore(run_dir: str, step: int | None = None) -> Restored:
 
 
 def from_state(run: Rebuilt, state: Any, step: int) -> Restored:
-    """``state`` (a ``TrainState`` of ``run``'s layout) as exported at ``step``: tables flushed, numpy."""
+    """``state`` (a ``TrainState`` of ``run``'s layout) as exported at ``step``: tables flushed, the dense
+    parameters' moving average where the optimizer keeps one (:func:`ctr.optimizers.eval_params`), numpy."""
     tables, _ = run.collection.flush(state.tables, state.table_slots, run.sparse_optimizer, state.step)
     vocab = None
     data_dir = getattr(run.dataset, "data_dir", None)
@@ -174,8 +175,8 @@ def from_state(run: Rebuilt, state: Any, step: int) -> Restored:
     return Restored(
         step=step, schema=run.dataset.schema, collection=run.collection, serving_collection=serving_collection,
         module=train_state_lib.CTRModule(collection=serving_collection, network=run.module.network),
-        params=jax.tree.map(np.asarray, state.params), tables={k: np.asarray(v) for k, v in tables.items()},
-        vocab=vocab,
+        params=jax.tree.map(np.asarray, optimizers.eval_params(state.params, state.opt_state)),  # the moving average
+        tables={k: np.asarray(v) for k, v in tables.items()}, vocab=vocab,
     )  # fmt: skip
 
 

@@ -157,7 +157,7 @@ def train(
     network = model_zoo.get(model_name)()
     config_checks.check_model_and_embeddings(model_name, network, collection)
     module = CTRModule(collection=collection, network=network)
-    tx = optimizers.dense_optimizer()
+    tx = optimizers.dense_optimizer(num_steps=num_steps)  # the run's length, for a cool-down
     logging.info("model %s, %d train rows, mesh %s", model_name, dataset.num_rows("train"), dict(mesh.shape))
     state, shardings = train_state_lib.build(dataset, collection, module, tx, sparse_optimizer, mesh, rules, seed)
     num_params = train_state_lib.num_parameters(state, collection)

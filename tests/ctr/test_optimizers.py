@@ -1,6 +1,6 @@
 """The dense optimizer (``ctr.optimizers.dense_optimizer``) against NumPy loops of the textbook formulas: the
 learning-rate schedule (linear warm-up, then cosine decay to 0), global-norm clipping, Adam, AdamW's decoupled
-weight decay, Adagrad and SGD. Float64 references; the optimizer runs in float32 (1e-5 relative is ~100 ulps)."""
+weight decay, Adagrad, SGD and the parameters' moving average. Float64 references; the optimizer runs in float32 (1e-5 relative is ~100 ulps)."""
 import math
 
 import jax
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ctr.optimizers import dense_optimizer
+from ctr.optimizers import dense_optimizer, eval_params
 
 LR = 0.1
 
@@ -45,6 +45,22 @@ def test_schedule_is_linear_warmup_then_cosine_decay(warmup, decay):
     got = [-float(u) for u in updates]
     want = [_expected_lr(t, warmup, decay) for t in range(steps)]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("warmup,cooldown,num_steps", [(0, 0.3, 10), (4, 0.25, 12), (0, 0.3, None)])
+def test_cooldown_scales_the_last_steps_linearly_to_zero(warmup, cooldown, num_steps):
+    """cooldown f over a run of T steps: the last C = round(f * T) updates are scaled by C/(C+1), ..., 1/(C+1)
+    on top of the warm-up; without the run's length (a caller building only the state) there is none."""
+    steps = num_steps or 10
+    tx = dense_optimizer(name="sgd", learning_rate=LR, warmup_steps=warmup, cooldown=cooldown, num_steps=num_steps)
+    got = [-float(u) for u in _run(tx, [jnp.ones(())] * steps, jnp.zeros(()))]
+    c = round(cooldown * steps) if num_steps else 0
+    want = [_expected_lr(t, warmup, 0) * min(1.0, (steps - t) / (c + 1)) for t in range(steps)]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
+    if num_steps:
+        assert got[-1] == pytest.approx(LR / (c + 1), rel=1e-6) and got[-c - 1] == pytest.approx(LR, rel=1e-6)
+    with pytest.raises(ValueError, match="cooldown"):
+        dense_optimizer(cooldown=1.5, num_steps=10)
 
 
 def test_clipping_scales_the_gradient_to_the_global_norm():
@@ -112,3 +128,36 @@ def test_adagrad_and_sgd_match_the_textbook_update():
 def test_unknown_optimizer_is_named():
     with pytest.raises(ValueError, match="'lamb'"):
         dense_optimizer(name="lamb")
+
+
+@pytest.mark.parametrize("name,clip_norm", [("adam", None), ("sgd", 0.5)])
+def test_moving_average_is_the_debiased_average_of_the_parameters(name, clip_norm):
+    """ema_decay d: after t steps, eval_params is sum_i (1 - d) d^(t-i) p_i / (1 - d^t) over the parameters p_i
+    after each step (no weight on the initial ones), and the updates are those of the optimizer without it."""
+    decay, steps = 0.8, 6
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32), "b": jnp.zeros((2,))}
+    grads = [{k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in params.items()} for _ in range(steps)]
+    plain = _run(dense_optimizer(name=name, learning_rate=LR, clip_norm=clip_norm), grads, params)
+    tx = dense_optimizer(name=name, learning_rate=LR, clip_norm=clip_norm, ema_decay=decay)
+    state, p = tx.init(params), params
+    for key in params:  # before any step: the parameters themselves
+        np.testing.assert_array_equal(eval_params(p, state)[key], params[key])
+    history = []
+    for t, (g, want_u) in enumerate(zip(grads, plain), start=1):
+        u, state = tx.update(g, state, p)
+        p = jax.tree.map(lambda a, d: a + d, p, u)
+        history.append({k: np.asarray(v, np.float64) for k, v in p.items()})
+        for key in params:
+            np.testing.assert_allclose(u[key], want_u[key], rtol=1e-6, atol=1e-8)
+            want = sum((1 - decay) * decay ** (t - i) * h[key] for i, h in enumerate(history, start=1))
+            np.testing.assert_allclose(eval_params(p, state)[key], want / (1 - decay**t), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(eval_params(p, state)["w"], p["w"])  # an average, not the last parameters
+
+
+def test_without_moving_average_eval_params_are_the_parameters():
+    params = {"w": jnp.ones((2,))}
+    tx = dense_optimizer(name="adam", learning_rate=LR)
+    assert eval_params(params, tx.init(params)) is params
+    with pytest.raises(ValueError, match="ema_decay"):
+        dense_optimizer(ema_decay=1.0)
