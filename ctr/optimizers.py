@@ -49,8 +49,9 @@ def dense_optimizer(
         schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, warmup_steps + decay_steps)
     elif warmup_steps:
         schedule = optax.linear_schedule(0.0, learning_rate, warmup_steps)
-    if cooldown and num_steps:
-        schedule = _with_cooldown(schedule, num_steps, max(1, round(cooldown * num_steps)))
+    if cooldown:  # a callable either way: the optimizer state's layout (a schedule's count) is the same
+        schedule = _with_cooldown(schedule, num_steps, max(1, round(cooldown * num_steps))) if num_steps else (
+            _as_schedule(schedule))
     makers = {
         "adam": lambda: optax.adam(schedule),
         "adamw": lambda: optax.adamw(schedule, weight_decay=weight_decay),
@@ -68,8 +69,12 @@ def dense_optimizer(
 def _with_cooldown(schedule: optax.Schedule | float, num_steps: int, steps: int) -> optax.Schedule:
     """``schedule`` times a factor falling linearly over the last ``steps`` of ``num_steps`` updates: they run at
     ``steps / (steps + 1)``, ..., ``1 / (steps + 1)`` of it (counts are 0-based), every earlier one at 1."""
-    base = schedule if callable(schedule) else (lambda count: schedule)
+    base = _as_schedule(schedule)
     return lambda count: base(count) * jnp.clip((num_steps - count) / (steps + 1), 0.0, 1.0)
+
+
+def _as_schedule(schedule: optax.Schedule | float) -> optax.Schedule:
+    return schedule if callable(schedule) else (lambda count: jnp.asarray(schedule, jnp.float32))
 
 
 class ParamEMAState(NamedTuple):

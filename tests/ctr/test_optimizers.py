@@ -59,6 +59,9 @@ def test_cooldown_scales_the_last_steps_linearly_to_zero(warmup, cooldown, num_s
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
     if num_steps:
         assert got[-1] == pytest.approx(LR / (c + 1), rel=1e-6) and got[-c - 1] == pytest.approx(LR, rel=1e-6)
+    params = {"w": jnp.zeros((2,))}  # the state's layout does not depend on the run's length (export rebuilds it)
+    layout = jax.tree.structure(dense_optimizer(name="adam", cooldown=cooldown).init(params))
+    assert jax.tree.structure(dense_optimizer(name="adam", cooldown=cooldown, num_steps=9).init(params)) == layout
     with pytest.raises(ValueError, match="cooldown"):
         dense_optimizer(cooldown=1.5, num_steps=10)
 
