@@ -135,11 +135,16 @@ def rebuild() -> Rebuilt:
 
 def restore(run_dir: str, step: int | None = None) -> Restored:
     """Rebuilds the run of the parsed config (``config.gin`` of ``run_dir``) and restores ``step`` (default the
-    newest checkpoint) onto the first local device.
+    newest checkpoint) onto the first local device, as exported (:func:`from_state`).
 
     Raises:
       errors.UserError: no checkpoint, or no checkpoint at ``step``.
     """
+    return from_state(*restore_state(run_dir, step))
+
+
+def restore_state(run_dir: str, step: int | None = None) -> tuple[Rebuilt, Any, int]:
+    """``(run, TrainState as checkpointed, step)``: what :func:`restore` exports, before :func:`from_state`."""
     ckpt_dir = paths.join(run_dir, "checkpoints")
     found = paths.resolve(ckpt_dir).iterdir() if paths.is_dir(ckpt_dir) else []
     steps = sorted(int(p.name) for p in found if p.name.isdigit())
@@ -160,7 +165,7 @@ def restore(run_dir: str, step: int | None = None) -> Restored:
     finally:
         if ckpt is not None:
             ckpt.close()
-    return from_state(run, state, int(step))
+    return run, state, int(step)
 
 
 def from_state(run: Rebuilt, state: Any, step: int) -> Restored:

@@ -49,9 +49,10 @@ def dense_optimizer(
         schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, warmup_steps + decay_steps)
     elif warmup_steps:
         schedule = optax.linear_schedule(0.0, learning_rate, warmup_steps)
-    if cooldown:  # a callable either way: the optimizer state's layout (a schedule's count) is the same
-        schedule = _with_cooldown(schedule, num_steps, max(1, round(cooldown * num_steps))) if num_steps else (
-            _as_schedule(schedule))
+    if cooldown and num_steps:
+        schedule = _with_cooldown(schedule, num_steps, max(1, round(cooldown * num_steps)))
+    elif cooldown:  # a schedule all the same: the optimizer state (a schedule's count) has the trained layout
+        schedule = _as_schedule(schedule)
     makers = {
         "adam": lambda: optax.adam(schedule),
         "adamw": lambda: optax.adamw(schedule, weight_decay=weight_decay),

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 import pytest
 
-from ctr import checkpointing, errors
+from ctr import errors
 from ctr import export as export_lib
 from ctr import prepare as prepare_lib
 from ctr import serving
@@ -430,16 +430,7 @@ def _logloss(labels, logits):
 def _checkpoint_params(run_dir):
     """The dense parameters of the run's last checkpoint as trained (not what export takes of them)."""
     export_lib.parse_run_config(run_dir)
-    run = export_lib.rebuild()
-    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shapes = jax.eval_shape(run.init_state, jax.random.key(0))
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), shapes)
-    ckpt = checkpointing.Checkpointer(os.path.join(run_dir, "checkpoints"),
-                                      table_rows=checkpointing.logical_table_rows(run.collection))  # fmt: skip
-    try:
-        state, _ = ckpt.restore(ckpt.latest_step(), abstract)
-    finally:
-        ckpt.close()
+    _, state, _ = export_lib.restore_state(run_dir)
     gin.clear_config()
     return jax.tree.map(np.asarray, state.params)
 

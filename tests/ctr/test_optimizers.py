@@ -1,6 +1,7 @@
 """The dense optimizer (``ctr.optimizers.dense_optimizer``) against NumPy loops of the textbook formulas: the
 learning-rate schedule (linear warm-up, then cosine decay to 0), global-norm clipping, Adam, AdamW's decoupled
-weight decay, Adagrad, SGD and the parameters' moving average. Float64 references; the optimizer runs in float32 (1e-5 relative is ~100 ulps)."""
+weight decay, Adagrad, SGD, the cool-down and the parameters' moving average. Float64 references; the optimizer
+runs in float32 (1e-5 relative is ~100 ulps)."""
 import math
 
 import jax
