@@ -1,6 +1,21 @@
 """Comparing two training states leaf by leaf (tables, slots, dense parameters, optax state)."""
+import os
+
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+
+
+def checkpoint_state(run_dir, step: int) -> dict:
+    """The numeric state of ``run_dir``'s checkpoint at ``step``, restored onto this process's first device (the
+    saving processes' devices need not exist here)."""
+    path = os.path.join(run_dir, "checkpoints", str(step), "state")
+    checkpointer = ocp.StandardCheckpointer()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          checkpointer.metadata(path).item_metadata)  # fmt: skip
+    state = checkpointer.restore(path, target)
+    return {key: jax.tree.map(np.asarray, state[key]) for key in ("tables", "table_slots", "params", "opt_state")}
 
 
 def assert_states_close(want_state: dict, got_state: dict, atol: float) -> None:

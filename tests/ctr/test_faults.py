@@ -14,7 +14,9 @@ The watchdog's bound itself (recent step times, slow phases) is checked on a fak
 
 Both resumed runs end with the metrics of an uninterrupted 1-process run: the same global batches, only the
 summation order of collectives differs (gloo between processes), so metrics agree to 1e-5 (as in
-test_multihost.py).
+test_multihost.py). The uninterrupted run keeps a checkpoint every 5 steps, so the state the SIGTERM test resumes
+from is compared leaf by leaf with the uninterrupted state at the same step: a difference is then placed before
+or after the checkpoint.
 """
 import json
 import os
@@ -28,6 +30,7 @@ import time
 import pytest
 
 import ctr
+from state_testlib import assert_states_close, checkpoint_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(ctr.__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -85,9 +88,10 @@ def _two(run_dir, data_dir, *params, faulty=(), counts=None, timeout=300):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """(root, data dir, results of an uninterrupted 1-process 8-device run of tiny.gin's 40 steps)."""
+    """(root, data dir, results of an uninterrupted 1-process 8-device run of tiny.gin's 40 steps, with a
+    checkpoint every 5 steps)."""
     root = tmp_path_factory.mktemp("faults")
-    _one(root / "uninterrupted", root / "data")
+    _one(root / "uninterrupted", root / "data", "Checkpointer.every_steps = 5", "Checkpointer.keep = 8")
     return root, root / "data", json.load(open(root / "uninterrupted" / "results.json"))
 
 
@@ -110,6 +114,8 @@ def test_sigterm_stops_both_at_a_boundary_and_two_processes_resume_as_one(setup,
     assert sorted(os.listdir(run / "checkpoints")) == ["10", "15"]
     # The check's collective ran at the boundaries 5, 10, 15 only, on both processes.
     assert [int(open(f"{tmp_path / 'count'}{i}").read()) for i in range(2)] == [3, 3]
+    # What the 2 processes saved at 15 is the uninterrupted state at 15 (bounds as in test_multihost.py).
+    assert_states_close(checkpoint_state(root / "uninterrupted", 15), checkpoint_state(run, 15), atol=1e-5)
 
     done = _one(run, data)
     assert "Resuming from the checkpoint at step 15" in done.stdout
@@ -122,8 +128,9 @@ def test_sigkill_of_one_process_stops_the_other_and_the_rerun_finishes(setup, tm
     run = tmp_path / "run"
     # The uninterrupted 1-process run as it was at step 20: the checkpoint the two processes resume from.
     shutil.copytree(root / "uninterrupted", run)
-    for later in ("30", "40"):
-        shutil.rmtree(run / "checkpoints" / later)
+    for later in os.listdir(run / "checkpoints"):
+        if int(later) > 20:
+            shutil.rmtree(run / "checkpoints" / later)
     os.remove(run / "results.json")
     outs = _two(run, data, faulty=("inject_fault.process = 1", "inject_fault.step = 35",
                                    'inject_fault.action = "sigkill"'))  # fmt: skip

@@ -16,13 +16,11 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 import ctr
-from state_testlib import assert_states_close
+from state_testlib import assert_states_close, checkpoint_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(ctr.__file__)))
 CAPTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "capture_train.py")
@@ -79,18 +77,6 @@ def _command(run_dir, data_dir, *extra):
     ]  # fmt: skip
 
 
-def _final_state(run_dir):
-    """The final checkpoint's numeric state, restored onto this process's first device (the saving processes'
-    devices do not exist here)."""
-    path = os.path.join(run_dir, "checkpoints", str(STEPS), "state")
-    checkpointer = ocp.StandardCheckpointer()
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          checkpointer.metadata(path).item_metadata)  # fmt: skip
-    state = checkpointer.restore(path, target)
-    return {key: jax.tree.map(np.asarray, state[key]) for key in ("tables", "table_slots", "params", "opt_state")}
-
-
 def test_two_processes_match_one_process(tmp_path, prepared_dir):
     single = subprocess.run(_command(tmp_path / "single", prepared_dir), env=_env(8, tmp_path / "single_eval"),
                             capture_output=True, text=True, timeout=600)
@@ -125,4 +111,5 @@ def test_two_processes_match_one_process(tmp_path, prepared_dir):
         for key in ("auc", "gauc", "logloss"):
             assert two[split][key] == pytest.approx(one[split][key], abs=1e-5), (split, key)
 
-    assert_states_close(_final_state(tmp_path / "single"), _final_state(tmp_path / "multi"), atol=1e-5)
+    assert_states_close(checkpoint_state(tmp_path / "single", STEPS), checkpoint_state(tmp_path / "multi", STEPS),
+                        atol=1e-5)
