@@ -6,15 +6,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
-def checkpoint_state(run_dir, step: int) -> dict:
-    """The numeric state of ``run_dir``'s checkpoint at ``step``, restored onto this process's first device (the
-    saving processes' devices need not exist here)."""
+def saved_arrays(run_dir, step: int):
+    """Every array of ``run_dir``'s checkpoint at ``step`` as saved, restored onto this process's first device
+    (the saving processes' devices need not exist here)."""
     path = os.path.join(run_dir, "checkpoints", str(step), "state")
     checkpointer = ocp.StandardCheckpointer()
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           checkpointer.metadata(path).item_metadata)  # fmt: skip
-    state = checkpointer.restore(path, target)
+    return checkpointer.restore(path, target)
+
+
+def checkpoint_state(run_dir, step: int) -> dict:
+    """The numeric state (tables, slots, dense parameters, optax state) of ``run_dir``'s checkpoint at ``step``."""
+    state = saved_arrays(run_dir, step)
     return {key: jax.tree.map(np.asarray, state[key]) for key in ("tables", "table_slots", "params", "opt_state")}
 
 

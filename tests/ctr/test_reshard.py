@@ -20,11 +20,11 @@ import gin
 import jax
 import numpy as np
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ctr import checkpointing, train as train_cli, trainer
+from state_testlib import saved_arrays
 
 TINY = os.path.join(os.path.dirname(__file__), "tiny.gin")
 
@@ -65,12 +65,7 @@ def _run(run_dir, data_dir, steps, *bindings):
 
 def _saved(run_dir, step):
     """Every array of the checkpoint at ``step`` as saved, read onto this process's first device."""
-    path = os.path.join(run_dir, "checkpoints", str(step), "state")
-    checkpointer = ocp.StandardCheckpointer()
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          checkpointer.metadata(path).item_metadata)  # fmt: skip
-    return _numpy(checkpointer.restore(path, target))
+    return _numpy(saved_arrays(run_dir, step))
 
 
 def _assert_bit_equal(saved, restored):
