@@ -26,7 +26,7 @@ vocabulary (values seen >= 10 times in train; one OOV row), 16 wide; one epoch a
   and without ``jit_compile`` (XLA), the other seeds in the faster of the two; the ratio is against the
   faster. examples/s is timed over the epoch after a 20-step warm-up.
 - Both sides' test AUC and logloss come from ``ctr.metrics`` over their logits (exact AUC); >= 3 seeds, mean
-  and spread (half the max-min range). Peak RSS is each process's ``ru_maxrss``.
+  and spread (half the max-min range). Peak RSS is each worker's ``VmHWM``.
 
     PYTHONPATH=. python benchmarks/peers.py --dataset=criteo --seeds=0,1,2
     PYTHONPATH=. python benchmarks/peers.py --dataset=avazu --seeds=0,1,2
@@ -161,7 +161,8 @@ def run_ctr_worker() -> dict:
     from ctr import train as train_cli
     from ctr import trainer
 
-    run_dir = os.path.join(os.path.dirname(RESULT.value), f"ctr_run_{SEED.value}")
+    # Named after the result (seed and bindings), so that two comparisons sharing --out never share a run.
+    run_dir = os.path.splitext(RESULT.value)[0] + "_run"
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume of an earlier one
     gin.clear_config()
     train_cli.parse_config(
@@ -296,12 +297,26 @@ def run_keras_worker() -> dict:
 
 
 # -- driver -----------------------------------------------------------------------------------------------------
+def _configs_digest() -> str:
+    """A digest of every file under ``configs/`` (the ctr side's config and whatever it includes)."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    digest = hashlib.sha1()
+    for dirpath, _, filenames in sorted(os.walk(root)):
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            digest.update(os.path.relpath(path, root).encode() + b"\0")
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
 def spawn(worker: str, data_dir: str, seed: int, out: str, jit: bool = False) -> dict:
     """Runs one side in a fresh process; a result already in ``out`` for the same inputs is reused (so an
-    interrupted comparison can be resumed), the ctr side's keyed by its extra bindings."""
+    interrupted comparison can be resumed), the ctr side's keyed by its extra bindings and the shipped configs'
+    contents (an edited config must not reuse the result of the one before)."""
     key = f"{DATASET.value}_{worker}_{seed}_{int(jit)}" + ("" if MODEL.value == "dcnv2" else f"_{MODEL.value}")
-    if worker == "ctr" and BINDINGS.value:
-        key += "_" + hashlib.sha1("\n".join(BINDINGS.value).encode()).hexdigest()[:10]
+    if worker == "ctr":
+        key += "_" + hashlib.sha1("\n".join(BINDINGS.value + [_configs_digest()]).encode()).hexdigest()[:10]
     result = os.path.join(out, f"result_{key}_{EPOCHS.value:g}ep.json")
     if os.path.exists(result):
         with open(result) as f:
@@ -333,6 +348,19 @@ def print_collisions(data_dir: str) -> None:
           f"distinct rows ({1 - hashed / values:.1%} fewer rows than values); indexed by position, {values:,}")
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory since its exec, in MiB.
+
+    Not ``ru_maxrss``: Linux keeps the high-water mark of the address space an exec replaces, so a worker
+    started from the (large) parent reports the parent's peak. ``VmHWM`` belongs to the current address space.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _summary(values: list[float]) -> str:
     mean = sum(values) / len(values)
     return f"{mean:.4f} ± {(max(values) - min(values)) / 2:.4f}"
@@ -341,7 +369,7 @@ def _summary(values: list[float]) -> str:
 def main(argv):
     if WORKER.value:
         result = run_ctr_worker() if WORKER.value == "ctr" else run_keras_worker()
-        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_rss_mib"] = peak_rss_mib()
         with open(RESULT.value, "w") as f:
             json.dump(result, f)
         return
