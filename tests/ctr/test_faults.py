@@ -12,11 +12,11 @@ SIGTERM to one process, SIGKILL of one, a hang of one; and checkpoints moving be
 
 The watchdog's bound itself (recent step times, slow phases) is checked on a fake clock.
 
-Both resumed runs end with the metrics of an uninterrupted 1-process run: the same global batches, only the
-summation order of collectives differs (gloo between processes), so metrics agree to 1e-5 (as in
-test_multihost.py). The uninterrupted run keeps a checkpoint every 5 steps, so the state the SIGTERM test resumes
-from is compared leaf by leaf with the uninterrupted state at the same step: a difference is then placed before
-or after the checkpoint.
+The SIGTERM test compares with an uninterrupted 2-process run: its state at 15 leaf by leaf and its final
+metrics after the same 1-process resume, both exactly (the same programs on the same devices). Not with a
+1-process run: there the collectives' summation order differs (gloo between processes), and Adam amplifies that
+round-off from step to step, on some CPUs past any useful bound by step 15. The SIGKILL test ends with the
+metrics of the uninterrupted 1-process run to 1e-5 (as in test_multihost.py); its 2-process segment is shorter.
 """
 import json
 import os
@@ -114,13 +114,30 @@ def test_sigterm_stops_both_at_a_boundary_and_two_processes_resume_as_one(setup,
     assert sorted(os.listdir(run / "checkpoints")) == ["10", "15"]
     # The check's collective ran at the boundaries 5, 10, 15 only, on both processes.
     assert [int(open(f"{tmp_path / 'count'}{i}").read()) for i in range(2)] == [3, 3]
-    # What the 2 processes saved at 15 is the uninterrupted state at 15 (bounds as in test_multihost.py).
-    assert_states_close(checkpoint_state(root / "uninterrupted", 15), checkpoint_state(run, 15), atol=1e-5)
+    # What the 2 processes saved at 15 is, exactly, what 2 uninterrupted processes hold at 15.
+    reference = tmp_path / "two_uninterrupted"
+    for rc, _, err, _ in _two(reference, data, "Checkpointer.every_steps = 5", "Checkpointer.keep = 8"):
+        assert rc == 0, err[-3000:]
+    assert_states_close(checkpoint_state(reference, 15), checkpoint_state(run, 15), atol=0)
 
     done = _one(run, data)
     assert "Resuming from the checkpoint at step 15" in done.stdout
-    got = _assert_same_metrics(run, uninterrupted)
+    got = json.load(open(run / "results.json"))
+    assert got["examples_seen"] == uninterrupted["examples_seen"] == 40 * 256 and got["steps"] == 40
     assert got["processes"] == 1 and got["devices"] == 8
+    # And it ends exactly where the uninterrupted 2 processes' own checkpoint at 15, resumed as 1 process, ends.
+    _truncate(reference, 15)
+    _one(reference, data)
+    want = json.load(open(reference / "results.json"))
+    assert (got["test"]["auc"], got["test"]["logloss"]) == (want["test"]["auc"], want["test"]["logloss"])
+
+
+def _truncate(run, step):
+    """``run`` as it was at ``step``: later checkpoints and the results removed."""
+    for later in os.listdir(run / "checkpoints"):
+        if int(later) > step:
+            shutil.rmtree(run / "checkpoints" / later)
+    os.remove(run / "results.json")
 
 
 def test_sigkill_of_one_process_stops_the_other_and_the_rerun_finishes(setup, tmp_path):
@@ -128,10 +145,7 @@ def test_sigkill_of_one_process_stops_the_other_and_the_rerun_finishes(setup, tm
     run = tmp_path / "run"
     # The uninterrupted 1-process run as it was at step 20: the checkpoint the two processes resume from.
     shutil.copytree(root / "uninterrupted", run)
-    for later in os.listdir(run / "checkpoints"):
-        if int(later) > 20:
-            shutil.rmtree(run / "checkpoints" / later)
-    os.remove(run / "results.json")
+    _truncate(run, 20)
     outs = _two(run, data, faulty=("inject_fault.process = 1", "inject_fault.step = 35",
                                    'inject_fault.action = "sigkill"'))  # fmt: skip
     assert outs[1][0] == -9
