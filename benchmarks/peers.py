@@ -49,6 +49,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout: configs/, and ctr for workers
+
 DATASET = flags.DEFINE_enum("dataset", "criteo", ["criteo", "avazu"], "Raw layout of the synthetic data.")
 MODEL = flags.DEFINE_enum("model", "dcnv2", ["dcnv2", "dlrm"], "The model both sides train (see above).")
 SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (the data is the same for all).")
@@ -166,7 +168,7 @@ def run_ctr_worker() -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume of an earlier one
     gin.clear_config()
     train_cli.parse_config(
-        [os.path.join(train_cli.REPO_ROOT, "configs", f"{DATASET.value}_{MODEL.value}.gin")],
+        [os.path.join(REPO, "configs", f"{DATASET.value}_{MODEL.value}.gin")],
         SHAPE_BINDINGS[MODEL.value]
         + [
             f'DATA_DIR = "{DATA.value}"',
@@ -299,7 +301,7 @@ def run_keras_worker() -> dict:
 # -- driver -----------------------------------------------------------------------------------------------------
 def _configs_digest() -> str:
     """A digest of every file under ``configs/`` (the ctr side's config and whatever it includes)."""
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    root = os.path.join(REPO, "configs")
     digest = hashlib.sha1()
     for dirpath, _, filenames in sorted(os.walk(root)):
         for name in sorted(filenames):
@@ -326,8 +328,7 @@ def spawn(worker: str, data_dir: str, seed: int, out: str, jit: bool = False) ->
         f"--dataset={DATASET.value}", f"--model={MODEL.value}", f"--epochs={EPOCHS.value}", f"--result={result}",
         f"--{'' if jit else 'no'}jit_compile",
     ] + [f"--binding={b}" for b in BINDINGS.value]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-                                                      + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     subprocess.run(cmd, check=True, env=env)
     with open(result) as f:
         return json.load(f)
