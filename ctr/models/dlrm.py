@@ -27,6 +27,7 @@ class DLRM(FeatureModel):
       dim: interaction width (the embedding width; the bottom MLP's output width).
       bottom_mlp: hidden widths of the bottom MLP (its final layer, of width ``dim``, is added).
       top_mlp: hidden widths of the top MLP (its final layer, of width 1, is added).
+      kernel_init: both MLPs' kernel initializer (``MLP.kernel_init``).
       activation: activation name.
       dropout: top-MLP dropout.
       pool_sequences: add each behaviour sequence, mean-pooled, as one more interacting vector.
@@ -36,16 +37,18 @@ class DLRM(FeatureModel):
     dim: int = 16
     bottom_mlp: Sequence[int] = (512, 256)
     top_mlp: Sequence[int] = (512, 256)
+    kernel_init: str = "lecun_normal"
 
     @nn.compact
     def __call__(self, inputs: ModelInputs, *, train: bool = False) -> jax.Array:
         dtype = jnp.dtype(self.dtype)
         act = activation_fn(self.activation)
         tokens = FeatureTokens(
-            self.dim, tuple(self.bottom_mlp), self.pool_sequences, act, dtype=dtype, name="tokens"
+            self.dim, tuple(self.bottom_mlp), self.pool_sequences, act, bottom_init=self.kernel_init, dtype=dtype,
+            name="tokens",
         )(inputs)
         parts = [pairwise_dots(tokens)]
         if inputs.dense is not None:
             parts.insert(0, tokens[:, 0])  # the bottom MLP's output is token 0
         return mlp_logits(jnp.concatenate(parts, axis=-1), self.top_mlp, act, dropout=self.dropout, dtype=dtype,
-                          name="top_mlp", train=train)  # fmt: skip
+                          name="top_mlp", train=train, kernel_init=self.kernel_init)  # fmt: skip

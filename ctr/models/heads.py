@@ -34,10 +34,10 @@ def logits_from(head_output: jax.Array) -> jax.Array:
 
 def mlp_logits(
     x: jax.Array, hidden: Sequence[int], activation: Activation, *, dropout: float, dtype: Any, name: str, train: bool,
-    gain_init: bool = False,
+    gain_init: bool = False, kernel_init: str = "lecun_normal",
 ) -> jax.Array:
     """The logit head of DLRM, DHEN and InterFormer: ``[B, F] -> [B]`` float32 logits through an :class:`MLP`
     of widths ``(*hidden, 1)``, the last layer without activation. Call inside the model's compact method."""
-    head = MLP((*hidden, 1), activation, dropout=dropout, activate_last=False, gain_init=gain_init, dtype=dtype,
-               name=name)  # fmt: skip
+    head = MLP((*hidden, 1), activation, dropout=dropout, activate_last=False, gain_init=gain_init,
+               kernel_init=kernel_init, dtype=dtype, name=name)  # fmt: skip
     return logits_from(head(x, train=train))

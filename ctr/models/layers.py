@@ -33,6 +33,16 @@ def activation_fn(name: str) -> Activation:
     return _ACTIVATIONS[name]
 
 
+_INITIALIZERS = ("lecun_normal", "lecun_uniform", "glorot_normal", "glorot_uniform", "he_normal", "he_uniform")
+
+
+def initializer(name: str) -> nn.initializers.Initializer:
+    """The kernel initializer called ``name`` (one of ``_INITIALIZERS``), for gin strings."""
+    if name not in _INITIALIZERS:
+        raise ValueError(f"unknown kernel initializer {name!r}; known: {list(_INITIALIZERS)}")
+    return getattr(nn.initializers, name)()
+
+
 def activation_gain(activation: Activation) -> float:
     """``1 / E[activation(z)^2]`` for ``z ~ N(0, 1)`` (Gauss-Hermite quadrature): the kernel variance factor
     that keeps a unit-scale signal at unit scale through a layer and its activation (2 for ReLU, as He et al.;
@@ -54,6 +64,8 @@ class MLP(nn.Module):
       gain_init: start every layer that feeds an activation with kernel variance ``activation_gain / fan_in``
         instead of LeCun's ``1 / fan_in``, so the signal (and the gradient back to the inputs) keeps its scale
         through deep stacks: at LeCun init each swish layer shrinks it ~1.7x.
+      kernel_init: the kernels' initializer where ``gain_init`` does not apply, by its
+        ``flax.linen.initializers`` name (Keras's ``Dense`` default is ``"glorot_uniform"``).
       dtype: compute dtype (parameters stay float32).
     """
 
@@ -62,13 +74,14 @@ class MLP(nn.Module):
     dropout: float = 0.0
     activate_last: bool = True
     gain_init: bool = False
+    kernel_init: str = "lecun_normal"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         for i, width in enumerate(self.hidden):
             activated = i < len(self.hidden) - 1 or self.activate_last
-            init = nn.initializers.lecun_normal()
+            init = initializer(self.kernel_init)
             if self.gain_init and activated:
                 init = nn.initializers.variance_scaling(activation_gain(self.activation), "fan_in", "truncated_normal")
             x = nn.Dense(width, dtype=self.dtype, kernel_init=init, name=f"dense_{i}")(x)
@@ -191,6 +204,7 @@ class FeatureTokens(nn.Module):
       dense_hidden: hidden widths of the dense features' bottom MLP.
       pool_sequences: append the mean-pooled sequences as tokens.
       activation: bottom-MLP activation.
+      bottom_init: the bottom MLP's kernel initializer (``MLP.kernel_init``).
       aligned_projections: start every width-changing projection as ``width_map`` (the same map for every
         feature) rather than random, so that features reading one table start as the same token; InterFormer
         needs it to compare the target item with the events (see ``InterFormer``).
@@ -205,6 +219,7 @@ class FeatureTokens(nn.Module):
     dense_hidden: Sequence[int] = ()
     pool_sequences: bool = False
     activation: Activation = nn.relu
+    bottom_init: str = "lecun_normal"
     aligned_projections: bool = False
     normalize: bool = False
     dtype: jnp.dtype = jnp.float32
@@ -215,7 +230,8 @@ class FeatureTokens(nn.Module):
         if inputs.dense is not None:
             dense = inputs.dense.astype(self.dtype)
             if self.dense_hidden:
-                bottom = MLP((*self.dense_hidden, self.dim), self.activation, dtype=self.dtype, name="bottom_mlp")
+                bottom = MLP((*self.dense_hidden, self.dim), self.activation, kernel_init=self.bottom_init,
+                             dtype=self.dtype, name="bottom_mlp")  # fmt: skip
                 tokens.append(bottom(dense))
             else:
                 tokens.append(nn.Dense(self.dim, dtype=self.dtype, name="dense_proj")(dense))

@@ -131,6 +131,20 @@ def test_dlrm_top_mlp_reads_the_bottom_output_and_the_distinct_pairs(with_dense)
     assert ("bottom_mlp" in shapes["tokens"]) == with_dense
 
 
+@pytest.mark.parametrize("kernel_init", ["lecun_normal", "glorot_uniform"])
+def test_dlrm_kernel_init_reaches_both_mlps(kernel_init):
+    model = tiny_model("dlrm", kernel_init=kernel_init, bottom_mlp=(512,), top_mlp=(512,))
+    params = model.init(jax.random.key(0), make_inputs(sequences=False, dense=True))["params"]
+    kernels = {"bottom": params["tokens"]["bottom_mlp"]["dense_0"]["kernel"],
+               "top": params["top_mlp"]["dense_0"]["kernel"]}  # fmt: skip
+    for where, w in kernels.items():
+        fan_in, fan_out = w.shape
+        want = 1 / fan_in if kernel_init == "lecun_normal" else 2 / (fan_in + fan_out)  # the two variances
+        assert float(np.var(w)) == pytest.approx(want, rel=0.1), where
+    with pytest.raises(ValueError, match="unknown kernel initializer 'glorot'"):
+        param_shapes(tiny_model("dlrm", kernel_init="glorot"), make_inputs(sequences=False))
+
+
 @pytest.mark.parametrize("modules,ensemble", [(("dot", "dcn"), "concat"), (("dot", "dcn", "attention"), "sum")])
 def test_dhen_layers_ensemble_their_modules(modules, ensemble):
     inputs = make_inputs(sequences=False)
