@@ -204,7 +204,7 @@ class FeatureTokens(nn.Module):
       dense_hidden: hidden widths of the dense features' bottom MLP.
       pool_sequences: append the mean-pooled sequences as tokens.
       activation: bottom-MLP activation.
-      bottom_init: the bottom MLP's kernel initializer (``MLP.kernel_init``).
+      bottom_init: the kernel initializer of the dense features' layers (``MLP.kernel_init``).
       aligned_projections: start every width-changing projection as ``width_map`` (the same map for every
         feature) rather than random, so that features reading one table start as the same token; InterFormer
         needs it to compare the target item with the events (see ``InterFormer``).
@@ -234,7 +234,9 @@ class FeatureTokens(nn.Module):
                              dtype=self.dtype, name="bottom_mlp")  # fmt: skip
                 tokens.append(bottom(dense))
             else:
-                tokens.append(nn.Dense(self.dim, dtype=self.dtype, name="dense_proj")(dense))
+                init = initializer(self.bottom_init)
+                proj = nn.Dense(self.dim, dtype=self.dtype, kernel_init=init, name="dense_proj")
+                tokens.append(proj(dense))
         named = dict(inputs.features)
         if self.pool_sequences:
             named.update({f"pooled_{name}": p for name, p in zip(inputs.sequences, pooled_sequences(inputs))})

@@ -141,6 +141,12 @@ def test_dlrm_kernel_init_reaches_both_mlps(kernel_init):
         fan_in, fan_out = w.shape
         want = 1 / fan_in if kernel_init == "lecun_normal" else 2 / (fan_in + fan_out)  # the two variances
         assert float(np.var(w)) == pytest.approx(want, rel=0.1), where
+    # With no bottom hidden layers, the dense features' one linear layer follows it too.
+    linear = tiny_model("dlrm", kernel_init=kernel_init, bottom_mlp=(), dim=512)
+    w = linear.init(jax.random.key(0), make_inputs(sequences=False, dense=True))["params"]["tokens"]["dense_proj"]
+    fan_in, fan_out = w["kernel"].shape
+    want = 1 / fan_in if kernel_init == "lecun_normal" else 2 / (fan_in + fan_out)
+    assert float(np.var(w["kernel"])) == pytest.approx(want, rel=0.1)
     with pytest.raises(ValueError, match="unknown kernel initializer 'glorot'"):
         param_shapes(tiny_model("dlrm", kernel_init="glorot"), make_inputs(sequences=False))
 
