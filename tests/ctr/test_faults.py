@@ -1,23 +1,23 @@
 """Two processes on 127.0.0.1 (4 CPU devices each) under faults injected at fixed steps (``inject_fault``, gin):
-SIGTERM to one process, SIGKILL of one, a hang of one; and checkpoints moving between 2 processes and 1.
+SIGTERM to one process, SIGKILL of one, a hang of one; and checkpoints moving between 1 process and 2.
 
-- SIGTERM to process 1 at step 12: both stop at the next boundary (15) with a checkpoint, having run the
+Both faulted runs start as 2 processes from a 1-process checkpoint (step 20, 8 devices):
+- SIGTERM to process 1 at step 32: both stop at the next boundary (35) with a checkpoint, having run the
   preemption check's all-gather only at boundaries (counted in each process by count_train.py: 3 for steps
-  5, 10, 15, where a per-step check runs 15); resumed as 1 process with 8 devices, the run finishes.
-- A 1-process checkpoint (step 20) resumed by 2 processes; process 1 SIGKILLed at step 35, after the
-  checkpoint at 30: process 0 exits 4 naming process 1 within 60 s; the same command again resumes from 30
-  and finishes.
+  25, 30, 35, where a per-step check runs 15); resumed as 1 process with 8 devices, the run finishes.
+- Process 1 SIGKILLed at step 35, after the checkpoint at 30: process 0 exits 4 naming process 1 within 60 s;
+  the same command again resumes from 30 and finishes.
 - Process 1 hangs at step 7: its watchdog exits 5 with its stack; process 0, waiting for it in a collective,
   exits non-zero too (its own watchdog, or the lost heartbeat), both within the bound.
 
 The watchdog's bound itself (recent step times, slow phases) is checked on a fake clock.
 
-The SIGTERM test compares with an uninterrupted 2-process run: its state at 15 leaf by leaf and its final
-metrics after the same 1-process resume, both exactly (the same programs on the same devices). Not with a
-1-process run: there the collectives' summation order differs (gloo between processes), and Adam amplifies that
-round-off from step to step, on some CPUs past any useful bound by step 15. For the same reason the SIGKILL test
-ends exactly where 2 processes that resume from the same 1-process checkpoint and are never killed end.
-test_multihost.py compares 2 processes with 1, over 12 steps.
+The reference is one uninterrupted 2-process run from the same checkpoint at 20 (``two_from_20``): the SIGTERM
+test compares its state at 35 leaf by leaf and its final metrics after the same 1-process resume, the SIGKILL
+test its final metrics, all exactly (the same programs on the same devices). Not with a 1-process run: there the
+collectives' summation order differs (gloo between processes), and Adam amplifies that round-off from step to
+step, on some CPUs past any useful bound within 15 steps. test_multihost.py compares 2 processes with 1, over 12
+steps, from a fresh start.
 """
 import json
 import os
@@ -96,6 +96,37 @@ def setup(tmp_path_factory):
     return root, root / "data"
 
 
+def _truncate(run, step):
+    """``run`` as it was at ``step``: later checkpoints and the results removed."""
+    for later in os.listdir(run / "checkpoints"):
+        if int(later) > step:
+            shutil.rmtree(run / "checkpoints" / later)
+    os.remove(run / "results.json")
+
+
+def _copy_at(source, run, step):
+    """``source`` as it was at ``step``, copied to ``run``."""
+    shutil.copytree(source, run)
+    _truncate(run, step)
+
+
+def _assert_all_exit_0(outs):
+    for rc, _, err, _ in outs:
+        assert rc == 0, err[-3000:]
+    return outs
+
+
+@pytest.fixture(scope="module")
+def two_from_20(setup):
+    """The 1-process run's checkpoint at 20 resumed by 2 processes that are never faulted, to step 40, with a
+    checkpoint every 5 steps."""
+    root, data = setup
+    run = root / "two_from_20"
+    _copy_at(root / "uninterrupted", run, 20)
+    _assert_all_exit_0(_two(run, data, "Checkpointer.every_steps = 5", "Checkpointer.keep = 8"))
+    return run
+
+
 def _assert_same_metrics(run_dir, want):
     """``run_dir``'s results match ``want`` exactly."""
     got = json.load(open(os.path.join(run_dir, "results.json")))
@@ -105,46 +136,35 @@ def _assert_same_metrics(run_dir, want):
     return got
 
 
-def test_sigterm_stops_both_at_a_boundary_and_two_processes_resume_as_one(setup, tmp_path):
-    _, data = setup
+def test_sigterm_stops_both_at_a_boundary_and_two_processes_resume_as_one(setup, two_from_20, tmp_path):
+    root, data = setup
     run = tmp_path / "run"
-    outs = _two(run, data, faulty=("inject_fault.process = 1", "inject_fault.step = 12",
-                                   'inject_fault.action = "sigterm"'), counts=tmp_path / "count")  # fmt: skip
-    for rc, _, err, _ in outs:
-        assert rc == 0, err[-3000:]
-    assert "Stopped by SIGTERM at step 15; checkpoint saved" in outs[0][1]
-    assert sorted(os.listdir(run / "checkpoints")) == ["10", "15"]
-    # The check's collective ran at the boundaries 5, 10, 15 only, on both processes.
+    _copy_at(root / "uninterrupted", run, 20)
+    outs = _assert_all_exit_0(_two(run, data, faulty=(
+        "inject_fault.process = 1", "inject_fault.step = 32", 'inject_fault.action = "sigterm"'),
+        counts=tmp_path / "count"))  # fmt: skip
+    assert "Resuming from the checkpoint at step 20" in outs[0][1]
+    assert "Stopped by SIGTERM at step 35; checkpoint saved" in outs[0][1]
+    assert sorted(os.listdir(run / "checkpoints"), key=int)[-2:] == ["30", "35"]
+    # The check's collective ran at the boundaries 25, 30, 35 only, on both processes.
     assert [int(open(f"{tmp_path / 'count'}{i}").read()) for i in range(2)] == [3, 3]
-    # What the 2 processes saved at 15 is, exactly, what 2 uninterrupted processes hold at 15.
-    reference = tmp_path / "two_uninterrupted"
-    for rc, _, err, _ in _two(reference, data, "Checkpointer.every_steps = 5", "Checkpointer.keep = 8"):
-        assert rc == 0, err[-3000:]
-    assert_states_close(checkpoint_state(reference, 15), checkpoint_state(run, 15), atol=0)
+    # What the 2 processes saved at 35 is, exactly, what the 2 uninterrupted processes hold at 35.
+    assert_states_close(checkpoint_state(two_from_20, 35), checkpoint_state(run, 35), atol=0)
 
     done = _one(run, data)
-    assert "Resuming from the checkpoint at step 15" in done.stdout
-    # And it ends exactly where the uninterrupted 2 processes' own checkpoint at 15, resumed as 1 process, ends.
-    _truncate(reference, 15)
+    assert "Resuming from the checkpoint at step 35" in done.stdout
+    # And it ends exactly where the uninterrupted 2 processes' own checkpoint at 35, resumed as 1 process, ends.
+    reference = tmp_path / "reference"
+    _copy_at(two_from_20, reference, 35)
     _one(reference, data)
     got = _assert_same_metrics(run, json.load(open(reference / "results.json")))
     assert got["processes"] == 1 and got["devices"] == 8
 
 
-def _truncate(run, step):
-    """``run`` as it was at ``step``: later checkpoints and the results removed."""
-    for later in os.listdir(run / "checkpoints"):
-        if int(later) > step:
-            shutil.rmtree(run / "checkpoints" / later)
-    os.remove(run / "results.json")
-
-
-def test_sigkill_of_one_process_stops_the_other_and_the_rerun_finishes(setup, tmp_path):
+def test_sigkill_of_one_process_stops_the_other_and_the_rerun_finishes(setup, two_from_20, tmp_path):
     root, data = setup
     run = tmp_path / "run"
-    # The uninterrupted 1-process run as it was at step 20: the checkpoint the two processes resume from.
-    shutil.copytree(root / "uninterrupted", run)
-    _truncate(run, 20)
+    _copy_at(root / "uninterrupted", run, 20)
     outs = _two(run, data, faulty=("inject_fault.process = 1", "inject_fault.step = 35",
                                    'inject_fault.action = "sigkill"'))  # fmt: skip
     assert outs[1][0] == -9
@@ -153,17 +173,10 @@ def test_sigkill_of_one_process_stops_the_other_and_the_rerun_finishes(setup, tm
     assert rc == 4 and "process 0 of 2: lost process 1: no heartbeat for" in err, err[-3000:]
     assert seconds < 60 + 30  # 30 s: start-up and 15 steps, before the kill
 
-    outs = _two(run, data)
-    for rc, _, err, _ in outs:
-        assert rc == 0, err[-3000:]
+    outs = _assert_all_exit_0(_two(run, data))
     assert "Resuming from the checkpoint at step 30" in outs[0][1]
-    # Exactly where 2 processes that resume from the same checkpoint at 20 and are never killed end.
-    reference = tmp_path / "two_uninterrupted"
-    shutil.copytree(root / "uninterrupted", reference)
-    _truncate(reference, 20)
-    for rc, _, err, _ in _two(reference, data):
-        assert rc == 0, err[-3000:]
-    got = _assert_same_metrics(run, json.load(open(reference / "results.json")))
+    # Exactly where the 2 processes that resumed from the same checkpoint at 20 and were never killed end.
+    got = _assert_same_metrics(run, json.load(open(two_from_20 / "results.json")))
     assert got["processes"] == 2 and got["devices"] == 8
 
 
