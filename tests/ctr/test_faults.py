@@ -89,10 +89,10 @@ def _two(run_dir, data_dir, *params, faulty=(), counts=None, timeout=300):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """(root, data dir); root/uninterrupted holds a 1-process 8-device run of tiny.gin's 40 steps, with a
-    checkpoint every 5 steps."""
+    """(root, data dir); root/uninterrupted holds a 1-process 8-device run of tiny.gin's first 20 steps, whose
+    last checkpoint every 2-process run here resumes from."""
     root = tmp_path_factory.mktemp("faults")
-    _one(root / "uninterrupted", root / "data", "Checkpointer.every_steps = 5", "Checkpointer.keep = 8")
+    _one(root / "uninterrupted", root / "data", "train.num_steps = 20")
     return root, root / "data"
 
 
