@@ -14,7 +14,9 @@
   and checkpoint saves, get ``slow_phase_s``). Past it, the process prints where it is (phase, step, and the
   stack of every thread via :mod:`faulthandler`) and exits :data:`EXIT_STUCK` with ``os._exit``, so that a job
   scheduler restarts the job. A process waiting in a collective on a stuck peer is stuck too, so every process
-  of the job exits; the rerun resumes from the last complete checkpoint.
+  of the job exits; the rerun resumes from the last complete checkpoint. Time the whole process did not run
+  (stopped by SIGSTOP or Ctrl-Z, a suspended VM: seen as the watchdog's own thread waking far too late) is no
+  step's time.
 - **Preemption** (:func:`ctr.preemption.any_process`): processes agree on SIGTERM only at the loop's regular boundaries (log,
   evaluation and checkpoint steps, the same steps on every host), with one small all-gather per boundary
   instead of one per step. A process that got SIGTERM keeps training to the next boundary, where every process
@@ -42,6 +44,9 @@ from ctr import errors
 
 EXIT_LOST_PROCESS = 4  # another process of the job was lost (or the coordinator)
 EXIT_STUCK = 5  # this process's step did not complete within the watchdog's bound
+# The watchdog's thread waking this much later than its period means the process did not run (stopped, suspended);
+# a thread that is merely starved on a busy machine is late by far less.
+FROZEN_S = 5.0
 COMMAND = "ctr.train"
 _KEY = "ctr/heartbeat/"
 
@@ -197,11 +202,15 @@ class Watchdog:
         self._times: collections.deque[float] = collections.deque(maxlen=window)
         self._lock = threading.Lock()
         self._step, self._phase, self._since, self._timed = 0, "first step", time.monotonic(), False
+        self._period = max(0.05, min(1.0, floor_s / 10))  # how often the thread checks
+        self._checked = self._since
         self._fault = inject_fault()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="ctr-watchdog")
 
     def __enter__(self) -> Watchdog:
+        with self._lock:
+            self._since = self._checked = time.monotonic()
         if self.multiple > 0:
             self._thread.start()
         return self
@@ -235,19 +244,32 @@ class Watchdog:
             return self.slow_phase_s or None
         return self.floor_s + self.multiple * self.steps_per_sync * sum(self._times) / len(self._times)
 
+    def overdue(self) -> str | None:
+        """What to report when the current phase has run past its bound, else None. The watchdog's thread calls
+        it every ``period`` seconds; a longer gap than ``period + FROZEN_S`` since the last call is time the
+        process was stopped, taken out of the current phase's time."""
+        now = time.monotonic()
+        with self._lock:
+            frozen = now - self._checked - self._period
+            self._checked = now
+            if frozen > FROZEN_S:
+                self._since += frozen
+            bound, waited, phase, step = self.bound_s(), now - self._since, self._phase, self._step
+        if bound is None or waited <= bound:
+            return None
+        where = "in the first step (compilation)" if phase == "first step" else (
+            f"in step {step + 1}" if phase == "train" else f"in the {phase} at step {step}")  # fmt: skip
+        return (f"watchdog: no progress for {waited:.0f} s {where} (bound {bound:.0f} s: Watchdog.floor_s = "
+                f"{self.floor_s:g} + Watchdog.multiple = {self.multiple:g} x {self.steps_per_sync} recent steps' "
+                f"time, or Watchdog.slow_phase_s); the stacks of this process follow; exiting (status "
+                f"{EXIT_STUCK}) so that the job can be restarted from the last complete checkpoint")  # fmt: skip
+
     def _run(self) -> None:
-        period = max(0.05, min(1.0, self.floor_s / 10))
-        while not self._stop.wait(period):
-            with self._lock:
-                bound, waited, phase, step = self.bound_s(), time.monotonic() - self._since, self._phase, self._step
-            if bound is None or waited <= bound or self._stop.is_set():
+        while not self._stop.wait(self._period):
+            message = self.overdue()
+            if message is None or self._stop.is_set():
                 continue
-            where = "in the first step (compilation)" if phase == "first step" else (
-                f"in step {step + 1}" if phase == "train" else f"in the {phase} at step {step}")  # fmt: skip
-            _say(f"watchdog: no progress for {waited:.0f} s {where} (bound {bound:.0f} s: Watchdog.floor_s = "
-                 f"{self.floor_s:g} + Watchdog.multiple = {self.multiple:g} x {self.steps_per_sync} recent steps' "
-                 f"time, or Watchdog.slow_phase_s); the stacks of this process follow; exiting (status "
-                 f"{EXIT_STUCK}) so that the job can be restarted from the last complete checkpoint")  # fmt: skip
+            _say(message)
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
             sys.stderr.flush()
             os._exit(EXIT_STUCK)

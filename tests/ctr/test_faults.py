@@ -215,3 +215,37 @@ def test_watchdog_bound_follows_recent_steps_and_leaves_out_slow_phases(monkeypa
     watch.step_done(200)  # the step the evaluation interrupted is not timed: its 31 s are no step time
     assert watch.bound_s() == pytest.approx(1.0 + 2.0 * 5 * 1.0)
     assert faults.Watchdog(slow_phase_s=0.0).bound_s() is None
+
+
+def test_watchdog_leaves_out_time_the_whole_process_was_stopped(monkeypatch):
+    from ctr import faults
+
+    clock = [100.0]
+    monkeypatch.setattr(faults.time, "monotonic", lambda: clock[0])
+
+    def run_for(watch, seconds):  # the process runs: the thread checks every period
+        for _ in range(round(seconds / 0.1)):
+            clock[0] += 0.1
+            assert watch.overdue() is None
+
+    def training(then_s):  # thread not started: it would check every 0.1 s
+        watch = faults.Watchdog(steps_per_sync=5, multiple=2.0, floor_s=1.0)
+        for step in range(1, 4):  # the first step compiles; then 0.5 s per step
+            run_for(watch, 7.0 if step == 1 else 0.5)
+            watch.step_done(step)
+        assert watch.bound_s() == pytest.approx(1.0 + 2.0 * 5 * 0.5)
+        run_for(watch, then_s)
+        return watch
+
+    watch = training(3.0)
+    clock[0] += 600.0  # SIGSTOP ... SIGCONT: neither thread ran
+    assert watch.overdue() is None
+    run_for(watch, 2.5)
+    clock[0] += 1.0
+    assert "no progress for 7 s in step 4" in watch.overdue()
+    # A thread late by less than FROZEN_S (a busy machine) is not a stopped process: that time counts.
+    watch = training(1.0)
+    clock[0] += faults.FROZEN_S - 1.0
+    assert watch.overdue() is None
+    clock[0] += 2.0
+    assert "no progress for 7 s in step 4" in watch.overdue()
