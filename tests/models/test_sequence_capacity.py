@@ -4,7 +4,7 @@ import numpy as np
 
 from capacity_testlib import TaskModel, auc, config_model, train_and_eval
 
-STEPS = 150
+STEPS = 100
 
 
 def test_interformer_learns_a_sequence_only_click():
