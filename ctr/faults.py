@@ -209,8 +209,6 @@ class Watchdog:
         self._thread = threading.Thread(target=self._run, daemon=True, name="ctr-watchdog")
 
     def __enter__(self) -> Watchdog:
-        with self._lock:
-            self._since = self._checked = time.monotonic()
         if self.multiple > 0:
             self._thread.start()
         return self
