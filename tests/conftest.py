@@ -15,9 +15,9 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 # trainer.train() call and every `python -m ctr.train` child builds its jitted steps anew, and most targets train
 # the same tiny configs. So all Bazel test targets share one persistent XLA compilation cache in the system's
 # temporary directory (child processes inherit it through the environment; it is not bounded, as jax's eviction
-# needs the filelock package). An entry is keyed by the program, the XLA flags and the
-# jax version, and a hit is the executable a compile would build, so no result depends on which target compiled
-# it first; a torn entry read while another process writes it is a warning and a compile.
+# needs the filelock package). An entry is keyed by the program, the XLA flags and the jax version, and a hit is
+# the executable a compile would build, so no result depends on which target compiled it first; a torn entry read
+# while another process writes it is a warning and a compile.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     if os.environ.get("TEST_TMPDIR"):  # under Bazel: one cache for every target and every run on this machine
         os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"ctr-tests-xla-{os.getuid()}")
